@@ -1,0 +1,1 @@
+"""Decoding controllers: who decides which masked tokens to commit at each step."""

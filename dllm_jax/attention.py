@@ -1,0 +1,91 @@
+"""Attention kernels behind one function, and the masks that dLLMs need.
+
+Shapes: queries `[batch, q_len, heads, head_dim]`, keys/values
+`[batch, kv_len, kv_heads, head_dim]`, boolean masks `[batch, q_len, kv_len]` (True = may attend).
+Scores and softmax are computed in float32 whatever the input dtype (bf16 on accelerators).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+AttentionImpl = Literal["xla", "cudnn", "auto"]
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    key_valid: jax.Array | None,
+    block_size: int = 0,
+) -> jax.Array:
+    """Boolean attention mask `[batch, q_len, kv_len]`.
+
+    Args:
+      q_positions: `[batch, q_len]` int positions of the queries (RoPE positions).
+      k_positions: `[batch, kv_len]` int positions of the keys.
+      key_valid: `[batch, kv_len]` bool, False for padding keys; None means all valid.
+      block_size: 0 for bidirectional attention; > 0 for block-causal attention (SDAR):
+        a query sees the keys of its own block and of every earlier block, where a
+        position's block is `position // block_size`.
+    """
+    b, tq = q_positions.shape
+    tk = k_positions.shape[1]
+    if key_valid is None:
+        mask = jnp.ones((b, tq, tk), dtype=bool)
+    else:
+        mask = jnp.broadcast_to(key_valid[:, None, :], (b, tq, tk))
+    if block_size > 0:
+        qb = q_positions[:, :, None] // block_size
+        kb = k_positions[:, None, :] // block_size
+        mask = mask & (kb <= qb)
+    return mask
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    b, tq, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, tq, hkv, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.float32(-1e30))
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, d).astype(q.dtype)
+
+
+def _cudnn_ok(q: jax.Array) -> bool:
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    impl: AttentionImpl = "auto",
+) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+      q: `[batch, q_len, heads, head_dim]`.
+      k, v: `[batch, kv_len, kv_heads, head_dim]`; heads must be a multiple of kv_heads.
+      mask: `[batch, q_len, kv_len]` bool.
+      impl: "xla" (portable, float32 softmax), "cudnn" (fused flash kernel through
+        `jax.nn.dot_product_attention`; GPU with bf16/fp16 only), or "auto" (cuDNN where it
+        applies, XLA elsewhere).
+    Returns:
+      `[batch, q_len, heads, head_dim]` in q's dtype.
+    """
+    if impl == "cudnn" or (impl == "auto" and _cudnn_ok(q)):
+        if not _cudnn_ok(q):
+            raise ValueError("attention impl 'cudnn' needs a GPU and bf16/fp16 activations; use 'xla'.")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
+                                            implementation="cudnn")
+    if impl not in ("xla", "auto", "cudnn"):
+        raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'.")
+    return _xla_attention(q, k, v, mask)
