@@ -289,3 +289,69 @@ def _from_qwen_like(hf: Mapping[str, Any], arch: str) -> ModelConfig:
         eos_token_id=eos,
         pad_token_id=_first_id(hf.get("pad_token_id"), eos),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Static settings of one decode (hashable: a static argument of the compiled loop).
+
+    gen_length: answer tokens G, decoded as G / block_length semi-autoregressive blocks.
+    block_length: tokens per block Lb (gen_length for Dream's whole-answer decoding).
+    steps: step budget of the fixed schedules (LLaDA's transfer counts, Dream's time grid),
+      split evenly across blocks as the originals do. Adaptive controllers may use fewer.
+    temperature: 0 is greedy; see `features.observe` for the two sampling conventions.
+    cfg_scale: classifier-free guidance (LLaDA): logits = u + (cfg + 1) * (c - u), where u
+      comes from a second forward with the prompt masked.
+    logits_eos_inf: EOS logit set to -inf (LLaDA option).
+    confidence_eos_eot_inf: EOS / end-of-turn candidates get confidence -inf (LLaDA option).
+    stop_at_eos: once a row commits an EOS, its masked positions after it become EOS, so the
+      row finishes early (the LLaDA-Instruct convention of padding the answer with EOS).
+    trace: record per-step features of the active block in DecodeStats.trace.
+    momentum_beta: smoothing of the confidence momentum in the trajectory.
+    attn_impl: "auto" | "xla" | "cudnn".
+    """
+
+    gen_length: int = 64
+    block_length: int = 32
+    steps: int = 64
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    stop_at_eos: bool = False
+    trace: bool = False
+    momentum_beta: float = 0.5
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.gen_length <= 0 or self.block_length <= 0:
+            raise ConfigError(
+                f"gen_length ({self.gen_length}) and block_length ({self.block_length}) must be "
+                f"positive.")
+        if self.gen_length % self.block_length:
+            raise ConfigError(
+                f"gen_length ({self.gen_length}) must be a multiple of block_length "
+                f"({self.block_length}); e.g. --gen-length "
+                f"{-(-self.gen_length // self.block_length) * self.block_length}.")
+        if self.steps <= 0 or self.steps % self.num_blocks:
+            raise ConfigError(
+                f"steps ({self.steps}) must be a positive multiple of the number of blocks "
+                f"({self.num_blocks} = gen_length / block_length), as in LLaDA's generate; "
+                f"e.g. --steps {max(1, round(self.steps / self.num_blocks)) * self.num_blocks}.")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            raise ConfigError("temperature and cfg_scale must be >= 0.")
+        if self.attn_impl not in ("auto", "xla", "cudnn"):
+            raise ConfigError(f"attn_impl must be 'auto', 'xla' or 'cudnn', got {self.attn_impl!r}.")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @property
+    def max_steps(self) -> int:
+        """Bound of the loop: every step commits >= 1 token, or follows a schedule of `steps`."""
+        return max(self.gen_length, self.steps)

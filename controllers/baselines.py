@@ -1,0 +1,181 @@
+"""The published decoding rules, matched to their original implementations.
+
+- LLaDA `generate` (ML-GSAI/LLaDA, generate.py): low-confidence and random remasking with
+  a fixed number of commits per step.
+- Fast-dLLM (NVlabs/Fast-dLLM, llada/generate.py): confidence threshold and the "factor"
+  (dynamic threshold) rule.
+- Dream (DreamLM/Dream, generation_utils.py): maskgit_plus / topk_margin / entropy orders
+  and the `origin` rule, on Dream's time grid.
+
+Every controller sees the active block only: `Features` are `[B, Lb]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from controllers.base import at_least_one, top_k_commit
+from dllm_jax.state import BlockContext, Features, Trajectory
+
+
+def llada_transfer_count(masked_at_start: jax.Array, step: jax.Array, steps: int) -> jax.Array:
+    """LLaDA's `get_num_transfer_tokens`: M // S per step, one more in the first M % S steps.
+
+    masked_at_start: int `[B]` MASKs in the block when it began; step: scalar step in block.
+    """
+    base = masked_at_start // steps
+    rem = masked_at_start % steps
+    return base + (step < rem).astype(jnp.int32)
+
+
+@struct.dataclass
+class LowConfidence:
+    """LLaDA remasking: commit the `k_s` most confident (or random) masked tokens per step.
+
+    remasking: "low_confidence" (softmax probability of the candidate) or "random".
+    """
+
+    remasking: str = struct.field(pytree_node=False, default="low_confidence")
+    sampler: str = struct.field(pytree_node=False, default="llada")
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        if self.remasking == "random":
+            score = jax.random.uniform(ctx.key, feats.confidence.shape, jnp.float32)
+        else:
+            score = feats.confidence
+        k = llada_transfer_count(ctx.masked_at_block_start, ctx.block_step, ctx.steps_per_block)
+        commit = top_k_commit(score, k, feats.masked)
+        return at_least_one(commit, score, feats.masked), state
+
+
+@struct.dataclass
+class Threshold:
+    """Fast-dLLM: commit every masked token with confidence >= threshold; at least the best one.
+
+    The original keeps the top-1 and drops the others only when confidence < threshold, so a
+    confidence equal to the threshold commits.
+    """
+
+    threshold: float = struct.field(pytree_node=False, default=0.9)
+    sampler: str = struct.field(pytree_node=False, default="llada")
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        commit = feats.masked & (feats.confidence >= self.threshold)
+        return at_least_one(commit, feats.confidence, feats.masked), state
+
+
+def factor_commit_count(sorted_conf: jax.Array, n_masked: jax.Array, factor: float) -> jax.Array:
+    """Fast-dLLM's `get_transfer_index_dynamic` count for each row.
+
+    sorted_conf: float `[B, Lb]` confidences sorted descending (masked entries first).
+    n_masked: int `[B]`. With thresholds th_i = 1 - factor / (i + 2) for 0-based rank i
+    (th_0 = -1), n_pass = length of the longest passing prefix. The original's loop then
+    commits n_pass, except that it commits all n_masked when n_pass >= n_masked - 1.
+    """
+    lb = sorted_conf.shape[-1]
+    i = jnp.arange(lb)
+    th = jnp.where(i == 0, -1.0, 1.0 - factor / (i + 2.0))
+    valid = i[None, :] < n_masked[:, None]
+    passes = (sorted_conf >= th[None, :]) | ~valid
+    n_pass = jnp.argmin(jnp.concatenate([passes, jnp.zeros_like(passes[:, :1])], axis=1), axis=1)
+    n_pass = jnp.minimum(n_pass, n_masked)
+    return jnp.where(n_pass >= n_masked - 1, n_masked, n_pass)
+
+
+@struct.dataclass
+class Factor:
+    """Fast-dLLM's factor rule: commit the n most confident while c_n >= 1 - factor / (n + 1)."""
+
+    factor: float = struct.field(pytree_node=False, default=1.0)
+    sampler: str = struct.field(pytree_node=False, default="llada")
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        score = jnp.where(feats.masked, feats.confidence, -jnp.inf)
+        sorted_conf = -jnp.sort(-score, axis=-1)
+        n_masked = feats.masked.sum(-1).astype(jnp.int32)
+        k = factor_commit_count(sorted_conf, n_masked, self.factor)
+        commit = top_k_commit(score, k, feats.masked)
+        return at_least_one(commit, score, feats.masked), state
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """`torch.linspace(start, end, steps)` in float32, reproduced bit for bit.
+
+    PyTorch fills the first half forwards from `start` and the second half backwards from
+    `end` with step (end - start) / (steps - 1); Dream's time grid is built this way.
+    """
+    if steps == 1:
+        return np.array([start], np.float32)
+    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
+    half = steps // 2
+    i = np.arange(steps)
+    fwd = np.float32(start) + step * i.astype(np.float32)
+    bwd = np.float32(end) - step * (steps - 1 - i).astype(np.float32)
+    return np.where(i < half, fwd, bwd).astype(np.float32)
+
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@struct.dataclass
+class DreamOrder:
+    """Dream's `_sample` orders on the time grid t = linspace(1, eps, S + 1).
+
+    At step s of a block (times t > u): `origin` commits each masked token with probability
+    1 - u / t; the other orders commit int(M * (1 - u / t)) of the M masked tokens ranked by
+    their score (top-1 probability, top-1 minus top-2 margin, or negative entropy); the last
+    step commits everything. With alg_temp > 0 the ranking is sampled from
+    softmax(score / alg_temp) without replacement (Gumbel top-k). Like the original, a step
+    may commit nothing; the grid's last step ends the block, so the decode still ends.
+    Dream counts M as the batch mean; here it is per row, so rows never affect each other.
+    """
+
+    alg: str = struct.field(pytree_node=False, default="maskgit_plus")
+    eps: float = struct.field(pytree_node=False, default=1e-3)
+    alg_temp: float = struct.field(pytree_node=False, default=0.0)
+    sampler: str = struct.field(pytree_node=False, default="dream")
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def _times(self, ctx: BlockContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+        grid = jnp.asarray(torch_linspace_f32(1.0, self.eps, ctx.steps_per_block + 1))
+        s = jnp.minimum(ctx.block_step, ctx.steps_per_block - 1)
+        last = ctx.block_step >= ctx.steps_per_block - 1
+        return grid[s], grid[s + 1], last
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        t, u, last = self._times(ctx)
+        frac = jnp.float32(1.0) - u / t
+        masked = feats.masked
+        if self.alg == "origin":
+            draw = jax.random.uniform(ctx.key, masked.shape, jnp.float32)
+            commit = masked & ((draw < frac) | last)
+            return commit, state
+        if self.alg == "maskgit_plus":
+            score = feats.confidence
+        elif self.alg == "topk_margin":
+            score = feats.margin
+        else:
+            score = -feats.entropy
+        n = masked.sum(-1).astype(jnp.int32)
+        k = jnp.where(last, n, (n.astype(jnp.float32) * frac).astype(jnp.int32))
+        if self.alg_temp > 0:
+            g = -jnp.log(-jnp.log(jax.random.uniform(ctx.key, score.shape, jnp.float32,
+                                                     minval=1e-20, maxval=1.0)))
+            score = score / self.alg_temp + g
+        return top_k_commit(score, k, masked), state

@@ -1,0 +1,243 @@
+"""`generate`: the whole decode of a batch as ONE jit-compiled `lax.while_loop`.
+
+Each loop iteration is one denoising step of the active block:
+  1. logits of the active block only `[B, Lb, V]` (classifier-free guidance folds a masked-
+     prompt copy into the same forward),
+  2. `features.observe` -> candidates, confidence, entropy, margin; trajectory update,
+  3. `controller.decide` -> commit mask `[B, Lb]`,
+  4. write committed tokens, record the step that fixed them, count NFE,
+  5. when no row has a MASK left in the block, move to the next block that has one.
+Blocks advance in lockstep over the batch (as in LLaDA / Fast-dLLM); a row that has finished
+the block waits without changing and without counting forwards, so a row's result never
+depends on the others.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dllm_jax import features as F
+from dllm_jax import model as M
+from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
+from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Trajectory
+
+TRACE_FIELDS = ("candidate", "confidence", "entropy", "margin", "masked", "commit")
+
+
+@struct.dataclass
+class GenerateOutput:
+    """tokens: int32 `[B, G]` answers; stats: DecodeStats."""
+
+    tokens: jax.Array
+    stats: DecodeStats
+
+
+class GenerateError(ValueError):
+    """Bad input to `generate`; the message names the problem and the fix."""
+
+
+def _validate(params: Any, model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
+              gen_cfg: GenerateConfig, controller: Any) -> tuple[np.ndarray, np.ndarray]:
+    prompt = np.asarray(prompt)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt.shape[0] == 0:
+        raise GenerateError(
+            f"the prompt is empty (shape {prompt.shape}); pass at least one token per row.")
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise GenerateError(f"prompt ids must be integers, got dtype {prompt.dtype}.")
+    valid = np.ones(prompt.shape, bool) if prompt_valid is None else np.asarray(prompt_valid, bool)
+    if valid.shape != prompt.shape:
+        raise GenerateError(
+            f"prompt_valid has shape {valid.shape} but the prompt has {prompt.shape}.")
+    if not valid.any(axis=1).all():
+        raise GenerateError("a prompt row has no tokens (all padding); give every row a prompt.")
+    if ((prompt < 0) | (prompt >= model_cfg.vocab_size))[valid].any():
+        raise GenerateError(f"prompt ids must lie in [0, {model_cfg.vocab_size}).")
+    total = prompt.shape[1] + gen_cfg.gen_length
+    if total > model_cfg.max_position:
+        raise GenerateError(
+            f"prompt ({prompt.shape[1]}) + answer ({gen_cfg.gen_length}) = {total} tokens exceeds "
+            f"the model's maximum length {model_cfg.max_position}; shorten the prompt or "
+            f"--gen-length.")
+    if not (hasattr(controller, "decide") and hasattr(controller, "init")):
+        raise GenerateError(
+            f"{type(controller).__name__} is not a controller (needs init and decide); build one "
+            f"with controllers.make_controller(name).")
+    return prompt.astype(np.int32), valid
+
+
+def generate(
+    params: Any,
+    model_cfg: ModelConfig,
+    prompt: Any,
+    gen_cfg: GenerateConfig,
+    controller: Any,
+    *,
+    prompt_valid: Any = None,
+    key: jax.Array | None = None,
+) -> GenerateOutput:
+    """Decode answers for a batch of (left-padded) prompts.
+
+    Args:
+      params: model params (see `model.py`).
+      model_cfg: the model's config.
+      prompt: int `[B, P]` token ids, left-padded; a 1-D array is one row.
+      gen_cfg: static decode settings.
+      controller: a Controller (see `controllers.make_controller`).
+      prompt_valid: bool `[B, P]`, False on padding; None means no padding.
+      key: PRNG key for sampling and random controllers (default key 0).
+    Returns:
+      GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
+    """
+    prompt, valid = _validate(params, model_cfg, prompt, prompt_valid, gen_cfg, controller)
+    if key is None:
+        key = jax.random.key(0)
+    return _generate_jit(params, jnp.asarray(prompt), jnp.asarray(valid), key, controller,
+                         model_cfg=model_cfg, gen_cfg=gen_cfg)
+
+
+def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array,
+                  positions: jax.Array, valid: jax.Array, prompt_region: jax.Array,
+                  start: jax.Array) -> jax.Array:
+    """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`."""
+    b = tokens.shape[0]
+    qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
+                            (b, gen.block_length))
+    if gen.cfg_scale > 0:
+        uncond = jnp.where(prompt_region, cfg.mask_token_id, tokens)
+        both = M.apply(params, cfg, jnp.concatenate([tokens, uncond]),
+                       jnp.concatenate([positions, positions]), jnp.concatenate([valid, valid]),
+                       jnp.concatenate([qidx, qidx]), attn_impl=gen.attn_impl)
+        cond, unc = both[:b], both[b:]
+        logits = unc + (gen.cfg_scale + 1.0) * (cond - unc)
+    else:
+        logits = M.apply(params, cfg, tokens, positions, valid, qidx, attn_impl=gen.attn_impl)
+    if gen.logits_eos_inf:
+        logits = F.suppress_tokens(logits, (cfg.eos_token_id,))
+    return logits
+
+
+def _next_block(answer: jax.Array, block: jax.Array, mask_id: int, gen: GenerateConfig
+                ) -> jax.Array:
+    """Index of the first block at or after `block` that still has a MASK in some row."""
+    per_block = (answer == mask_id).reshape(answer.shape[0], gen.num_blocks, gen.block_length)
+    open_ = per_block.any(axis=(0, 2)) & (jnp.arange(gen.num_blocks) >= block)
+    return jnp.where(open_.any(), jnp.argmax(open_), block).astype(jnp.int32)
+
+
+def _fill_after_eos(answer: jax.Array, fix_step: jax.Array, step: jax.Array, mask_id: int,
+                    eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """Masked answer positions after a row's first committed EOS become EOS."""
+    g = answer.shape[1]
+    is_eos = answer == eos_id
+    first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), g)
+    fill = (answer == mask_id) & (jnp.arange(g)[None, :] > first[:, None])
+    return jnp.where(fill, eos_id, answer), jnp.where(fill, step, fix_step)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "gen_cfg"))
+def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: jax.Array,
+                  controller: Any, *, model_cfg: ModelConfig, gen_cfg: GenerateConfig
+                  ) -> GenerateOutput:
+    cfg, gen = model_cfg, gen_cfg
+    b, p = prompt.shape
+    g, lb, mask_id = gen.gen_length, gen.block_length, cfg.mask_token_id
+    tokens0 = jnp.concatenate([prompt, jnp.full((b, g), mask_id, jnp.int32)], axis=1)
+    valid = jnp.concatenate([prompt_valid, jnp.ones((b, g), bool)], axis=1)
+    prompt_region = jnp.concatenate([prompt_valid, jnp.zeros((b, g), bool)], axis=1)
+    positions = M.default_positions(valid)
+    low_conf_ids: tuple[int, ...] = ()
+    if gen.confidence_eos_eot_inf:
+        low_conf_ids = tuple(i for i in (cfg.eos_token_id, cfg.eot_token_id) if i >= 0)
+    nfe_per_step = 2 if gen.cfg_scale > 0 else 1
+
+    trace = None
+    if gen.trace:
+        s = gen.max_steps
+        trace = {
+            "candidate": jnp.zeros((s, b, lb), jnp.int32),
+            "confidence": jnp.zeros((s, b, lb), jnp.float32),
+            "entropy": jnp.zeros((s, b, lb), jnp.float32),
+            "margin": jnp.zeros((s, b, lb), jnp.float32),
+            "masked": jnp.zeros((s, b, lb), bool),
+            "commit": jnp.zeros((s, b, lb), bool),
+            "block": jnp.full((s,), -1, jnp.int32),
+        }
+    state = DecodeState(
+        tokens=tokens0,
+        traj=Trajectory.zeros(b, g),
+        block=jnp.int32(0),
+        block_step=jnp.int32(0),
+        masked_at_block_start=jnp.full((b,), lb, jnp.int32),
+        stats=DecodeStats(nfe=jnp.zeros((b,), jnp.int32), steps=jnp.int32(0),
+                          fix_step=jnp.full((b, g), -1, jnp.int32), trace=trace),
+        controller_state=controller.init(b, lb),
+        key=key,
+    )
+
+    def cond(st: DecodeState) -> jax.Array:
+        return (st.stats.steps < gen.max_steps) & jnp.any(st.tokens[:, p:] == mask_id)
+
+    def body(st: DecodeState) -> DecodeState:
+        step = st.stats.steps
+        key, k_obs, k_ctl = jax.random.split(st.key, 3)
+        a0 = st.block * lb                      # answer index of the block start
+        block_tokens = jax.lax.dynamic_slice_in_dim(st.tokens, p + a0, lb, axis=1)
+        active = jnp.any(block_tokens == mask_id, axis=1)
+        logits = _block_logits(params, cfg, gen, st.tokens, positions, valid, prompt_region,
+                               p + a0)
+        feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
+                          controller.sampler, low_conf_ids)
+        win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta)
+        ctx = BlockContext(step=step, block_step=st.block_step, block=st.block,
+                           masked_at_block_start=st.masked_at_block_start, active=active,
+                           key=k_ctl, steps_per_block=gen.steps_per_block)
+        commit, cstate = controller.decide(feats, win, ctx, st.controller_state)
+        commit = commit & feats.masked & active[:, None]
+        new_block = jnp.where(commit, feats.candidate, block_tokens)
+        tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, new_block, p + a0, axis=1)
+        fix_win = jax.lax.dynamic_slice_in_dim(st.stats.fix_step, a0, lb, axis=1)
+        fix_step = jax.lax.dynamic_update_slice_in_dim(
+            st.stats.fix_step, jnp.where(commit, step, fix_win), a0, axis=1)
+        answer = tokens[:, p:]
+        if gen.stop_at_eos:
+            answer, fix_step = _fill_after_eos(answer, fix_step, step, mask_id, cfg.eos_token_id)
+            tokens = tokens.at[:, p:].set(answer)
+
+        nxt = _next_block(answer, st.block, mask_id, gen)
+        moved = nxt != st.block
+        nxt_tokens = jax.lax.dynamic_slice_in_dim(answer, nxt * lb, lb, axis=1)
+        masked_start = jnp.where(moved, jnp.sum(nxt_tokens == mask_id, axis=1, dtype=jnp.int32),
+                                 st.masked_at_block_start)
+        tr = st.stats.trace
+        if tr is not None:
+            rec = dict(candidate=feats.candidate, confidence=feats.confidence,
+                       entropy=feats.entropy, margin=feats.margin, masked=feats.masked,
+                       commit=commit)
+            tr = {k: v.at[step].set(rec[k]) if k != "block" else v.at[step].set(st.block)
+                  for k, v in tr.items()}
+        stats = DecodeStats(nfe=st.stats.nfe + nfe_per_step * active.astype(jnp.int32),
+                            steps=step + 1, fix_step=fix_step, trace=tr)
+        return DecodeState(
+            tokens=tokens,
+            traj=st.traj.write_window(a0, win),
+            block=nxt,
+            block_step=jnp.where(moved, 0, st.block_step + 1).astype(jnp.int32),
+            masked_at_block_start=masked_start,
+            stats=stats,
+            controller_state=cstate,
+            key=key,
+        )
+
+    final = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens=final.tokens[:, p:], stats=final.stats)
+
+
+__all__ = ["GenerateError", "GenerateOutput", "generate", "ConfigError"]
