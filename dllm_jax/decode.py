@@ -119,9 +119,9 @@ def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: ja
         logits = unc + (gen.cfg_scale + 1.0) * (cond - unc)
     else:
         logits = M.apply(params, cfg, tokens, positions, valid, qidx, attn_impl=gen.attn_impl)
-    if gen.logits_eos_inf:
-        logits = F.suppress_tokens(logits, (cfg.eos_token_id,))
-    return logits
+    # MASK is never a candidate: a committed MASK would be decoded again forever.
+    banned = (cfg.mask_token_id, cfg.eos_token_id) if gen.logits_eos_inf else (cfg.mask_token_id,)
+    return F.suppress_tokens(logits, banned)
 
 
 def _next_block(answer: jax.Array, block: jax.Array, mask_id: int, gen: GenerateConfig
