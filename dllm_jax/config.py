@@ -25,6 +25,7 @@ _MODEL_TYPES: dict[str, str] = {
 # Public defaults of the released checkpoints (used when config.json omits them).
 LLADA_MASK_ID = 126336
 DREAM_MASK_ID = 151666
+SDAR_MASK_ID = 151669  # SDAR (Qwen3 tokenizer): <|MASK|> comes after Qwen3's extra specials
 
 
 class ConfigError(ValueError):
@@ -212,7 +213,14 @@ def _from_llada(hf: Mapping[str, Any]) -> ModelConfig:
     unsupported = {
         "block_type": ("llama", None),
         "layer_norm_type": ("rms", None),
-        "activation_type": ("silu", "swiglu", None),
+        # LLaDALlamaBlock computes act(ff_proj(x)) * up_proj(x); with "swiglu" the act would
+        # itself split ff_proj's output in two, a different (upstream: shape-broken) block.
+        "activation_type": ("silu", None),
+        # include_bias adds biases to attn_out, ff_proj, up_proj, ff_out, the norms and the
+        # head, which the params layout has no slot for (q/k/v biases: include_qkv_bias).
+        "include_bias": (False, None),
+        "bias_for_layer_norm": (False, None),
+        "layer_norm_with_affine": (True, None),
         "alibi": (False, None),
         "rope": (True, None),
         "attention_layer_norm": (False, None),
@@ -242,7 +250,7 @@ def _from_llada(hf: Mapping[str, Any]) -> ModelConfig:
         intermediate_size=int(hf["mlp_hidden_size"]),
         rope_theta=_rope_theta(hf, 10000.0),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(hf.get("include_bias", False) or hf.get("include_qkv_bias", False)),
+        qkv_bias=bool(hf.get("include_qkv_bias", False)),
         tie_embeddings=bool(hf.get("weight_tying", False)),
         max_position=int(hf.get("max_sequence_length", 4096)),
         mask_token_id=_first_id(hf.get("mask_token_id"), LLADA_MASK_ID),
@@ -261,10 +269,16 @@ def _from_qwen_like(hf: Mapping[str, Any], arch: str) -> ModelConfig:
         qkv_bias, qk_norm, shift, block_causal, block = True, False, True, False, 0
         mask_default = DREAM_MASK_ID
     else:
-        qkv_bias = bool(hf.get("attention_bias", False))
+        if hf.get("attention_bias", False):
+            # Qwen3 / SDAR: attention_bias puts a bias on o_proj as well as on q/k/v.
+            raise ConfigError("SDAR with attention_bias=true (q/k/v and o_proj biases) is not "
+                              "supported; the released SDAR checkpoints have no attention bias.")
+        qkv_bias = False
         qk_norm, shift, block_causal = True, False, True
         block = int(hf.get("block_size") or 4)
-        mask_default = DREAM_MASK_ID  # SDAR shares Qwen's <|MASK|> id
+        mask_default = SDAR_MASK_ID
+    if hf.get("use_sliding_window", False):
+        raise ConfigError("use_sliding_window=true is not supported; only full attention.")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={hf.get('hidden_act')!r} is not supported; only silu (SwiGLU).")
     return ModelConfig(
