@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import reference_decoders as ref
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from tests import reference_decoders as ref
+except ImportError:
+    import reference_decoders as ref
 
 V = 16
 MASK = 15  # toy mask id (inside the toy vocabulary, never predicted: its logit is very low)
