@@ -156,7 +156,6 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     low_conf_ids: tuple[int, ...] = ()
     if gen.confidence_eos_eot_inf:
         low_conf_ids = tuple(i for i in (cfg.eos_token_id, cfg.eot_token_id) if i >= 0)
-    nfe_per_step = 2 if gen.cfg_scale > 0 else 1
 
     trace = None
     if gen.trace:
@@ -223,7 +222,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                        commit=commit)
             tr = {k: v.at[step].set(rec[k]) if k != "block" else v.at[step].set(st.block)
                   for k, v in tr.items()}
-        stats = DecodeStats(nfe=st.stats.nfe + nfe_per_step * active.astype(jnp.int32),
+        stats = DecodeStats(nfe=st.stats.nfe + active.astype(jnp.int32),
                             steps=step + 1, fix_step=fix_step, trace=tr)
         return DecodeState(
             tokens=tokens,

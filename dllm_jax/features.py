@@ -45,8 +45,9 @@ def observe(
         "dream": sample from softmax(logits / temperature), confidence read from that
         tempered distribution (Dream `sample_tokens`).
       sampler: which convention above.
-      low_confidence_ids: candidates equal to one of these get confidence -inf (LLaDA's
-        `confidence_eos_eot_inf`).
+      low_confidence_ids: token ids removed from the distribution that confidence is read
+        from (LLaDA's `confidence_eos_eot_inf`: the softmax is renormalised without them, so
+        a candidate equal to one of them gets confidence 0).
     Returns:
       Features; confidence is -inf where the position is not masked.
     """
@@ -67,14 +68,14 @@ def observe(
     else:
         candidate = jnp.argmax(logits, axis=-1)
     candidate = candidate.astype(jnp.int32)
-    confidence = jnp.take_along_axis(probs, candidate[..., None], axis=-1)[..., 0]
+    conf_probs = probs
+    if low_confidence_ids:
+        conf_probs = jax.nn.softmax(suppress_tokens(dist_logits, low_confidence_ids), axis=-1)
+    confidence = jnp.take_along_axis(conf_probs, candidate[..., None], axis=-1)[..., 0]
     top2 = jax.lax.top_k(probs, 2)[0]
     margin = top2[..., 0] - top2[..., 1]
     entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
     masked = block_tokens == mask_id
-    if low_confidence_ids:
-        hit = jnp.isin(candidate, jnp.asarray(low_confidence_ids, jnp.int32))
-        confidence = jnp.where(hit, NEG_INF, confidence)
     confidence = jnp.where(masked, confidence, NEG_INF)
     return Features(candidate=candidate, confidence=confidence, entropy=entropy,
                     margin=margin, masked=masked)

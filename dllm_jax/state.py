@@ -95,7 +95,8 @@ class DecodeStats:
     """What a decode reports besides the tokens.
 
     nfe: int32 `[B]`, forward passes each row took part in while unfinished (a classifier-free
-      guidance step counts 2).
+      guidance step is one forward over the conditional and unconditional copies, as in
+      LLaDA, and counts 1).
     steps: int32 scalar, loop iterations.
     fix_step: int32 `[B, G]`, the step at which each answer position was committed (-1: never).
     trace: optional dict of per-step features `[S, B, Lb]` (+ `block` `[S]`), or None.
