@@ -4,7 +4,7 @@ Each task is a frozen :class:`Task` with a seeded generator and an exact scorer:
 
     from dllm_jax.tasks import get_task
     task = get_task("shuffle")
-    inst = task.generate(seed=0, n=100, split="test")     # -> list[Instance]
+    inst = task.generate(0, 100, split="test")              # seed 0 -> list[Instance]
     task.score(inst[0], "Zoe Eve Bob")                     # -> Score(valid, exact, partial)
 
 ``TASKS`` maps names to tasks; ``dependency`` is 'low' | 'medium' | 'high'. The task
