@@ -15,6 +15,15 @@ import jax.numpy as jnp
 AttentionImpl = Literal["xla", "cudnn", "auto"]
 
 
+def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    """HIGHEST for float32 operands, DEFAULT otherwise.
+
+    On GPU, XLA's DEFAULT precision runs float32 matmuls as TF32 (a 10-bit mantissa), which
+    moves logits by ~1e-2 and breaks the float32 reference path; bf16 operands lose nothing.
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def attention_mask(
     q_positions: jax.Array,
     k_positions: jax.Array,
@@ -49,17 +58,22 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     hkv = k.shape[2]
     g = h // hkv
     qg = q.reshape(b, tq, hkv, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    precision = matmul_precision(q.dtype)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32,
+                        precision=precision)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.float32(-1e30))
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.float32, precision=precision)
     return out.reshape(b, tq, h, d).astype(q.dtype)
 
 
 def _cudnn_ok(q: jax.Array) -> bool:
-    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    # cuDNN's fused kernel takes head dims that are multiples of 8, up to 256.
+    d = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 256)
 
 
 def dot_product_attention(
@@ -76,14 +90,15 @@ def dot_product_attention(
       k, v: `[batch, kv_len, kv_heads, head_dim]`; heads must be a multiple of kv_heads.
       mask: `[batch, q_len, kv_len]` bool.
       impl: "xla" (portable, float32 softmax), "cudnn" (fused flash kernel through
-        `jax.nn.dot_product_attention`; GPU with bf16/fp16 only), or "auto" (cuDNN where it
-        applies, XLA elsewhere).
+        `jax.nn.dot_product_attention`; GPU with bf16/fp16 and a head dim that is a multiple
+        of 8 up to 256), or "auto" (cuDNN where it applies, XLA elsewhere).
     Returns:
       `[batch, q_len, heads, head_dim]` in q's dtype.
     """
     if impl == "cudnn" or (impl == "auto" and _cudnn_ok(q)):
         if not _cudnn_ok(q):
-            raise ValueError("attention impl 'cudnn' needs a GPU and bf16/fp16 activations; use 'xla'.")
+            raise ValueError("attention impl 'cudnn' needs a GPU, bf16/fp16 activations and a "
+                             "head dim that is a multiple of 8 up to 256; use 'xla'.")
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
                                             implementation="cudnn")
     if impl not in ("xla", "auto", "cudnn"):

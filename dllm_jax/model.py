@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax.attention import AttentionImpl, attention_mask, dot_product_attention
+from dllm_jax.attention import (AttentionImpl, attention_mask, dot_product_attention,
+                                matmul_precision)
 from dllm_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -109,7 +110,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x, w)
+    return jnp.einsum("...i,io->...o", x, w, precision=matmul_precision(w.dtype))
 
 
 def project_qkv(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array
@@ -144,9 +145,12 @@ def attention_out_and_mlp(cfg: ModelConfig, lp: Params, x: jax.Array, attn: jax.
 def lm_logits(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """Final norm and LM head: hidden `[B, Q, D]` -> float32 logits `[B, Q, V]`."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    precision = matmul_precision(h.dtype)
     if cfg.tie_embeddings:
-        return jnp.einsum("bqd,vd->bqv", h, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("bqd,dv->bqv", h, params["lm_head"], preferred_element_type=jnp.float32)
+        return jnp.einsum("bqd,vd->bqv", h, params["embed"], preferred_element_type=jnp.float32,
+                          precision=precision)
+    return jnp.einsum("bqd,dv->bqv", h, params["lm_head"], preferred_element_type=jnp.float32,
+                      precision=precision)
 
 
 def default_positions(key_valid: jax.Array) -> jax.Array:
