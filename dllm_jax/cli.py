@@ -1,0 +1,81 @@
+"""The `dllm-jax` command line: one subcommand per entry of `SUBCOMMANDS`.
+
+To add a subcommand, write `add_<name>(subparsers)` that creates its parser and sets
+`func=<run function>` (a function `argparse.Namespace -> int` exit code), and append it to
+`SUBCOMMANDS`. Errors of ours (ConfigError, CheckpointError) are printed as one line
+`error: ...` with exit code 2; anything else keeps its traceback (a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Callable
+
+from dllm_jax.checkpoint import CheckpointError
+from dllm_jax.config import ConfigError
+
+RunFn = Callable[[argparse.Namespace], int]
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
+
+
+def add_convert(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax convert SRC DST`: Hugging Face checkpoint folder -> dllm-jax checkpoint folder."""
+    from checkpoints_convert.convert import add_arguments, run
+
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a Hugging Face LLaDA / Dream / SDAR checkpoint",
+        description="Convert a Hugging Face LLaDA / Dream / SDAR checkpoint folder (config.json + "
+                    "safetensors or .bin weights) into a dllm-jax checkpoint folder.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dllm-jax", description="Fast, jit-compiled decoding of diffusion language models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_command(func: RunFn, args: argparse.Namespace) -> int:
+    """Run one subcommand: our errors become `error: ...` on stderr and exit code 2; Ctrl-C and
+    SIGTERM unwind (so temporary files are removed) and exit with 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return int(func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dllm-jax` console script."""
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
