@@ -11,6 +11,14 @@ References:
          must be an additive float mask (0 / finfo.min): a bool 4D mask is silently added as
          0/1 there. We use eager with an additive mask.
 
+Weights reach JAX the way users' do: the torch model's state_dict is written as a real HF
+folder (`tests/hf_checkpoints.write_hf_checkpoint`: one case per format, safetensors,
+sharded safetensors + index, .bin, sharded .bin + index), converted by the CLI
+(`python -m checkpoints_convert SRC DST --dtype float32`, in a subprocess once, through its
+`main(argv)` otherwise) and read back with `dllm_jax.checkpoint.load_model`. The converted
+params must also equal, exactly, a test-local name map of the same state_dict
+(`params_from_state_dict`, which is the fallback while the converter is absent).
+
 Every case runs a left-padded batch (rows with 0, 5 and 11 pad tokens) and compares only
 the positions whose logits come from real tokens. Parity bound: max abs diff <= 1e-4.
 """
@@ -19,6 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -35,6 +47,17 @@ except ImportError:
     from torch_llada import TorchLLaDA, TorchLLaDAConfig, randomize_parameters
 
 transformers = pytest.importorskip("transformers")
+
+try:  # the real conversion path (checkpoints_convert + checkpoint.load_model + HF writer)
+    from checkpoints_convert.__main__ import main as convert_main
+    from dllm_jax.checkpoint import load_model
+    try:
+        from tests.hf_checkpoints import write_hf_checkpoint
+    except ImportError:
+        from hf_checkpoints import write_hf_checkpoint
+    HAVE_CONVERTER = True
+except ImportError:  # pragma: no cover - only before the converter landed
+    HAVE_CONVERTER = False
 
 ATOL = 1e-4
 T = 24
@@ -57,18 +80,21 @@ class Case:
     bias: bool = False  # LLaDA include_qkv_bias (Dream always has q/k/v bias)
     theta: float = 10000.0
     block: int = 4  # SDAR block size
+    fmt: str = "safetensors"  # HF folder format the case is written in
     ffn: int = 96
     vocab: int = 128
 
 
 CASES = [
-    Case("llada-mha-untied", "llada", 64, 4, 4, 16, tied=False, theta=500000.0),
-    Case("llada-gqa-bias-tied-hd20", "llada", 40, 2, 1, 20, tied=True, bias=True),
-    Case("dream-gqa-untied-hd12", "dream", 48, 4, 2, 12, tied=False, theta=1000000.0),
-    Case("dream-mha-tied-hd20", "dream", 40, 2, 2, 20, tied=True),
-    Case("sdar-gqa-untied-hd20", "sdar", 48, 4, 2, 20, tied=False, block=4),
-    Case("sdar-mqa-tied-hd36", "sdar", 32, 2, 1, 36, tied=True, block=3),
+    Case("llada-mha-untied", "llada", 64, 4, 4, 16, tied=False, theta=500000.0, fmt="sharded"),
+    Case("llada-gqa-bias-tied-hd20", "llada", 40, 2, 1, 20, tied=True, bias=True, fmt="bin"),
+    Case("dream-gqa-untied-hd12", "dream", 48, 4, 2, 12, tied=False, theta=1000000.0,
+         fmt="safetensors"),
+    Case("dream-mha-tied-hd20", "dream", 40, 2, 2, 20, tied=True, fmt="sharded_bin"),
+    Case("sdar-gqa-untied-hd20", "sdar", 48, 4, 2, 20, tied=False, block=4, fmt="sharded"),
+    Case("sdar-mqa-tied-hd36", "sdar", 32, 2, 1, 36, tied=True, block=3, fmt="bin"),
 ]
+CLI_SUBPROCESS_CASE = "llada-mha-untied"  # converted by a real `python -m checkpoints_convert`
 
 
 @dataclasses.dataclass
@@ -202,6 +228,33 @@ def build(case_id: str) -> Built:
     return Built(case, tm, hf, cfg, params)
 
 
+def hf_state_dict(b: Built) -> dict[str, torch.Tensor]:
+    """The tensors a `save_pretrained` folder holds: a tied head is not saved twice."""
+    sd = dict(b.torch_model.state_dict())
+    if b.cfg.tie_embeddings and b.cfg.arch != "llada":
+        sd.pop("lm_head.weight")
+    return sd
+
+
+def converted_params(b: Built, folder: Path) -> Any:
+    """Write the torch weights as an HF folder, convert with the CLI, `load_model` the result."""
+    src, dst = folder / "hf", folder / "converted"
+    write_hf_checkpoint(src, hf_state_dict(b), b.hf_config, fmt=b.case.fmt)
+    argv = [str(src), str(dst), "--dtype", "float32", "--quiet"]
+    if b.case.id == CLI_SUBPROCESS_CASE:
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        proc = subprocess.run([sys.executable, "-m", "checkpoints_convert", *argv], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert convert_main(argv) == 0
+    cfg, params = load_model(dst)
+    assert cfg == b.cfg, (cfg, b.cfg)
+    return params
+
+
 # ----------------------------------------------------------------------------- inputs
 def batch(vocab: int, seed: int = 123) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded token batch `[len(PADS), T]` and its key mask (False on padding)."""
@@ -254,12 +307,20 @@ def max_diff(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("case_id", [c.id for c in CASES])
-def test_forward_matches_torch(case_id: str) -> None:
+@pytest.mark.parametrize("case_id", [pytest.param(c.id, id=f"{c.id}-{c.fmt}") for c in CASES])
+def test_forward_matches_torch(case_id: str, tmp_path: Path) -> None:
+    """HF folder (this case's format) -> CLI conversion -> load_model -> apply == torch."""
     b = build(case_id)
+    params = b.params
+    if HAVE_CONVERTER:
+        params = converted_params(b, tmp_path)
+        assert jax.tree.structure(params) == jax.tree.structure(b.params)
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(b.params)):
+            assert got.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     tokens, valid = batch(b.cfg.vocab_size)
     ref = reference_logits(b, tokens, valid)
-    ours = M.apply(b.params, b.cfg, jnp.asarray(tokens), key_valid=jnp.asarray(valid),
+    ours = M.apply(params, b.cfg, jnp.asarray(tokens), key_valid=jnp.asarray(valid),
                    attn_impl="xla")
     assert ours.dtype == jnp.float32 and ours.shape == ref.shape
     where = compared_positions(b.cfg, valid)
@@ -269,7 +330,7 @@ def test_forward_matches_torch(case_id: str) -> None:
     # the comparison is not vacuous: logits are O(1) and rows differ
     assert float(np.abs(ref[where]).max()) > 1.0
     # explicit positions equal to the defaults give the same logits
-    ours2 = M.apply(b.params, b.cfg, jnp.asarray(tokens), jnp.asarray(our_positions(valid)),
+    ours2 = M.apply(params, b.cfg, jnp.asarray(tokens), jnp.asarray(our_positions(valid)),
                     jnp.asarray(valid), attn_impl="xla")
     np.testing.assert_array_equal(np.asarray(ours2), np.asarray(ours))
 
