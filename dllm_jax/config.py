@@ -323,6 +323,9 @@ class GenerateConfig:
     trace: record per-step features of the active block in DecodeStats.trace.
     momentum_beta: smoothing of the confidence momentum in the trajectory.
     attn_impl: "auto" | "xla" | "cudnn".
+    cache: "none" | "prefix" | "dual" block-wise KV cache (see `cache.py`).
+    refresh_every: with a cache, also refresh every this many steps inside a block (0: only
+      at block starts; 1: every step, which equals the uncached decode).
     """
 
     gen_length: int = 64
@@ -336,6 +339,8 @@ class GenerateConfig:
     trace: bool = False
     momentum_beta: float = 0.5
     attn_impl: str = "auto"
+    cache: str = "none"
+    refresh_every: int = 0
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0:
@@ -354,6 +359,10 @@ class GenerateConfig:
                 f"e.g. --steps {max(1, round(self.steps / self.num_blocks)) * self.num_blocks}.")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise ConfigError("temperature and cfg_scale must be >= 0.")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise ConfigError(f"cache must be 'none', 'prefix' or 'dual', got {self.cache!r}.")
+        if self.refresh_every < 0:
+            raise ConfigError(f"refresh_every must be >= 0, got {self.refresh_every}.")
         if self.attn_impl not in ("auto", "xla", "cudnn"):
             raise ConfigError(f"attn_impl must be 'auto', 'xla' or 'cudnn', got {self.attn_impl!r}.")
 

@@ -24,6 +24,7 @@ from flax import struct
 
 from dllm_jax import features as F
 from dllm_jax import model as M
+from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
 from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Trajectory
 
@@ -103,25 +104,80 @@ def generate(
                          model_cfg=model_cfg, gen_cfg=gen_cfg)
 
 
-def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array,
-                  positions: jax.Array, valid: jax.Array, prompt_region: jax.Array,
-                  start: jax.Array) -> jax.Array:
-    """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`."""
-    b = tokens.shape[0]
-    qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
-                            (b, gen.block_length))
+@struct.dataclass
+class _Sequence:
+    """The batch as the model sees it: `[B2, T]` tokens, positions, key mask, where B2 = 2B
+    under classifier-free guidance (conditional rows first, then the masked-prompt copies)."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+
+
+def _model_batch(cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array, positions: jax.Array,
+                 valid: jax.Array, prompt_region: jax.Array) -> _Sequence:
     if gen.cfg_scale > 0:
         uncond = jnp.where(prompt_region, cfg.mask_token_id, tokens)
-        both = M.apply(params, cfg, jnp.concatenate([tokens, uncond]),
-                       jnp.concatenate([positions, positions]), jnp.concatenate([valid, valid]),
-                       jnp.concatenate([qidx, qidx]), attn_impl=gen.attn_impl)
-        cond, unc = both[:b], both[b:]
-        logits = unc + (gen.cfg_scale + 1.0) * (cond - unc)
+        return _Sequence(jnp.concatenate([tokens, uncond]), jnp.concatenate([positions, positions]),
+                         jnp.concatenate([valid, valid]))
+    return _Sequence(tokens, positions, valid)
+
+
+def _cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
+                   cache: KVCache, start: jax.Array) -> jax.Array:
+    """Logits of the block at `start` from a cached step: only the region is recomputed."""
+    shift = 1 if cfg.logits_shift else 0
+    r = region_length(gen.cache, gen.gen_length, gen.block_length, shift)
+    b2, t = seq.tokens.shape
+    extra = r - gen.block_length - shift          # the prefix region overhangs the end
+    if extra > 0:
+        tail_pos = seq.positions[:, -1:] + 1 + jnp.arange(extra, dtype=jnp.int32)[None, :]
+        tokens = jnp.concatenate([seq.tokens, jnp.full((b2, extra), cfg.pad_token_id,
+                                                       seq.tokens.dtype)], axis=1)
+        positions = jnp.concatenate([seq.positions, tail_pos], axis=1)
+        valid = jnp.concatenate([seq.valid, jnp.zeros((b2, extra), bool)], axis=1)
     else:
-        logits = M.apply(params, cfg, tokens, positions, valid, qidx, attn_impl=gen.attn_impl)
+        tokens, positions, valid = seq.tokens, seq.positions, seq.valid
+    rs = start - shift
+    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, rs, r, axis=1)  # noqa: E731
+    usable = usable_cache_keys(gen.cache, seq.valid, rs, r)
+    qloc = jnp.broadcast_to(shift + jnp.arange(gen.block_length, dtype=jnp.int32),
+                            (b2, gen.block_length))
+    return M.apply_cached(params, cfg, cache, cut(tokens), cut(positions), cut(valid),
+                          seq.positions, usable, qloc, attn_impl=gen.attn_impl)
+
+
+def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
+                  cache: KVCache | None, start: jax.Array, block_step: jax.Array
+                  ) -> tuple[jax.Array, KVCache | None]:
+    """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`.
+
+    Without a cache: one full forward. With one: a refresh (full forward that also rebuilds
+    the cache) at block starts / every `refresh_every` steps, else a cached step.
+    """
+    b2 = seq.tokens.shape[0]
+    qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
+                            (b2, gen.block_length))
+    if cache is None:
+        logits = M.apply(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
+                         attn_impl=gen.attn_impl)
+    else:
+        def refresh(c: KVCache) -> tuple[jax.Array, KVCache]:
+            return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
+                                   attn_impl=gen.attn_impl)
+
+        def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
+            return _cached_logits(params, cfg, gen, seq, c, start), c
+
+        logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
+                                     refresh, cached, cache)
+    if gen.cfg_scale > 0:
+        b = b2 // 2
+        cond, unc = logits[:b], logits[b:]
+        logits = unc + (gen.cfg_scale + 1.0) * (cond - unc)
     # MASK is never a candidate: a committed MASK would be decoded again forever.
     banned = (cfg.mask_token_id, cfg.eos_token_id) if gen.logits_eos_inf else (cfg.mask_token_id,)
-    return F.suppress_tokens(logits, banned)
+    return F.suppress_tokens(logits, banned), cache
 
 
 def _next_block(answer: jax.Array, block: jax.Array, mask_id: int, gen: GenerateConfig
@@ -179,6 +235,9 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                           fix_step=jnp.full((b, g), -1, jnp.int32), trace=trace),
         controller_state=controller.init(b, lb),
         key=key,
+        cache=None if gen.cache == "none" else KVCache.zeros(
+            cfg.num_layers, 2 * b if gen.cfg_scale > 0 else b, p + g, cfg.num_kv_heads,
+            cfg.head_dim, params["embed"].dtype),
     )
 
     def cond(st: DecodeState) -> jax.Array:
@@ -190,8 +249,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         a0 = st.block * lb                      # answer index of the block start
         block_tokens = jax.lax.dynamic_slice_in_dim(st.tokens, p + a0, lb, axis=1)
         active = jnp.any(block_tokens == mask_id, axis=1)
-        logits = _block_logits(params, cfg, gen, st.tokens, positions, valid, prompt_region,
-                               p + a0)
+        seq = _model_batch(cfg, gen, st.tokens, positions, valid, prompt_region)
+        logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, st.block_step)
         feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
                           controller.sampler, low_conf_ids)
         win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta)
@@ -233,6 +292,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             stats=stats,
             controller_state=cstate,
             key=key,
+            cache=cache,
         )
 
     final = jax.lax.while_loop(cond, body, state)

@@ -23,7 +23,7 @@ logits returned in float32.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ import numpy as np
 from dllm_jax.attention import (AttentionImpl, attention_mask, dot_product_attention,
                                 matmul_precision)
 from dllm_jax.config import ModelConfig
+
+if TYPE_CHECKING:
+    from dllm_jax.cache import KVCache
 
 Params = dict[str, Any]
 
@@ -201,20 +204,92 @@ def apply(
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
             positions = default_positions(key_valid)
-    dtype = params["embed"].dtype
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    x, _ = _full_forward(params, cfg, tokens, positions, key_valid, attn_impl)
+    if query_idx is None:
+        query_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return _query_logits(cfg, params, x, query_idx)
+
+
+# ----------------------------------------------------------------------------- KV cache
+def _run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                attend: Any, cache: Any = None, collect_kv: bool = False
+                ) -> tuple[jax.Array, Any]:
+    """`lax.scan` over the stacked layers. `attend(q, k, v, cached_k, cached_v) -> out`.
+
+    Returns the final hidden states and, with collect_kv, the per-layer (post-RoPE) keys and
+    values `[L, B, T, Hkv, hd]`.
+    """
+    def layer(x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
+        lp, ck, cv = xs
+        q, k, v = project_qkv(cfg, lp, x, cos, sin)
+        x = attention_out_and_mlp(cfg, lp, x, attend(q, k, v, ck, cv))
+        return x, ((k, v) if collect_kv else None)
+
+    xs = (params["layers"], None if cache is None else cache.k, None if cache is None else cache.v)
+    return jax.lax.scan(layer, x, xs)
+
+
+def _full_forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                  key_valid: jax.Array | None, attn_impl: AttentionImpl,
+                  collect_kv: bool = False) -> tuple[jax.Array, Any]:
+    """All layers over the whole sequence `[B, T]` -> final hidden states `[B, T, D]` (+ k/v)."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(positions, positions, key_valid,
                           cfg.block_size if cfg.block_causal else 0)
+    attend = lambda q, k, v, ck, cv: dot_product_attention(q, k, v, mask, attn_impl)  # noqa: E731
+    return _run_layers(cfg, params, _embed(params, tokens), cos, sin, attend,
+                       collect_kv=collect_kv)
 
-    def layer(x: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        q, k, v = project_qkv(cfg, lp, x, cos, sin)
-        attn = dot_product_attention(q, k, v, mask, attn_impl)
-        return attention_out_and_mlp(cfg, lp, x, attn), None
 
-    x, _ = jax.lax.scan(layer, x, params["layers"])
-    if query_idx is None:
-        query_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+def _embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def _query_logits(cfg: ModelConfig, params: Params, x: jax.Array, query_idx: jax.Array
+                  ) -> jax.Array:
     src = logit_source_index(cfg, query_idx)
-    h = jnp.take_along_axis(x, src[:, :, None], axis=1)
-    return lm_logits(cfg, params, h)
+    return lm_logits(cfg, params, jnp.take_along_axis(x, src[:, :, None], axis=1))
+
+
+def apply_refresh(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                  key_valid: jax.Array, query_idx: jax.Array, *,
+                  attn_impl: AttentionImpl = "auto") -> tuple[jax.Array, "KVCache"]:
+    """A full forward that also returns every layer's keys/values as a KVCache.
+
+    Shapes as in `apply`; the cache holds `[L, B, T, Hkv, hd]` post-RoPE keys and values.
+    """
+    from dllm_jax.cache import KVCache
+
+    x, (ks, vs) = _full_forward(params, cfg, tokens, positions, key_valid, attn_impl,
+                                collect_kv=True)
+    return _query_logits(cfg, params, x, query_idx), KVCache(k=ks, v=vs)
+
+
+def apply_cached(params: Params, cfg: ModelConfig, cache: "KVCache", tokens: jax.Array,
+                 positions: jax.Array, valid: jax.Array, cache_positions: jax.Array,
+                 cache_usable: jax.Array, query_idx: jax.Array, *,
+                 attn_impl: AttentionImpl = "auto") -> jax.Array:
+    """Logits for a region of R tokens whose context outside the region comes from a cache.
+
+    Args:
+      cache: KVCache `[L, B, T, Hkv, hd]`.
+      tokens, positions, valid: `[B, R]` the recomputed region (valid False on padding).
+      cache_positions: `[B, T]` RoPE positions of the cached entries.
+      cache_usable: `[B, T]` bool, cached entries the region may attend to (the region's own
+        stale entries must be excluded).
+      query_idx: `[B, Q]` indices INTO THE REGION whose logits are wanted.
+    Returns:
+      float32 logits `[B, Q, V]`.
+    """
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(positions, jnp.concatenate([cache_positions, positions], axis=1),
+                          jnp.concatenate([cache_usable, valid], axis=1),
+                          cfg.block_size if cfg.block_causal else 0)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, ck: jax.Array, cv: jax.Array
+               ) -> jax.Array:
+        return dot_product_attention(q, jnp.concatenate([ck, k], axis=1),
+                                     jnp.concatenate([cv, v], axis=1), mask, attn_impl)
+
+    x, _ = _run_layers(cfg, params, _embed(params, tokens), cos, sin, attend, cache=cache)
+    return _query_logits(cfg, params, x, query_idx)

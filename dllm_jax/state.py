@@ -120,6 +120,7 @@ class DecodeState:
     stats: DecodeStats being filled.
     controller_state: whatever the controller carries.
     key: PRNG key.
+    cache: KVCache or None (no cache).
     """
 
     tokens: jax.Array
@@ -130,3 +131,4 @@ class DecodeState:
     stats: DecodeStats
     controller_state: Any
     key: jax.Array
+    cache: Any = None
