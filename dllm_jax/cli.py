@@ -34,7 +34,19 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert]
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax generate PROMPT`: decode one prompt (default model: the bundled one)."""
+    from dllm_jax.generate_cli import add_arguments, run
+
+    p = subparsers.add_parser(
+        "generate", help="decode one prompt with a converted or the bundled model",
+        description="Decode one prompt with the jit-compiled dLLM sampler. With --json, print "
+                    '{"tokens", "text", "nfe", "steps"}.')
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
