@@ -46,7 +46,20 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate]
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax bench quality`: accuracy vs forward passes on the dependency tasks."""
+    from dllm_jax.bench import quality
+
+    p = subparsers.add_parser("bench", help="benchmarks that print tables")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    q = sub.add_parser("quality", help="task accuracy vs NFE for every controller setting",
+                       description=quality.__doc__.splitlines()[0])
+    quality.add_arguments(q)
+    q.set_defaults(func=quality.run)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate,
+                                                                    add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: quality against parallelism (quality.py)."""

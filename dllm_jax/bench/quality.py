@@ -1,0 +1,256 @@
+"""Quality against parallelism: task accuracy vs. forward passes, per task and controller.
+
+    dllm-jax bench quality [--model DIR] [--tasks a,b] [--n 100] [--out FILE.md] [--plot FILE.png]
+
+For every task (held-out `split='test'` instances) and every controller setting, decode all
+instances and score them with the task's exact scorer. Reported per (task, setting):
+accuracy (valid answers, %), exact match with the reference (%), mean partial credit, mean NFE
+per instance and tokens per forward (answer tokens / NFE, counting the EOS padding as the
+decode does). ParallelBench's finding is the "dependency cliff": tasks whose answer tokens
+depend on each other lose accuracy as more tokens are committed per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from dllm_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One controller setting: a label, a controller name + kwargs, and the step budget as a
+    fraction of the answer length (1 = one token per step for fixed schedules)."""
+
+    label: str
+    family: str
+    controller: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    steps_divisor: int = 1
+    cache: str = "none"
+
+
+def default_settings() -> list[Setting]:
+    """LLaDA fixed k = 1, 2, 4, 8 tokens per step; Fast-dLLM threshold 0.5..0.95 and factor;
+    Dream's orders at two tokens per step."""
+    out = [Setting(f"llada k={k}", "llada fixed k", "low_confidence", (), k) for k in (1, 2, 4, 8)]
+    out += [Setting(f"threshold {t}", "fast-dllm threshold", "threshold", (("threshold", t),))
+            for t in (0.5, 0.7, 0.8, 0.9, 0.95)]
+    out += [Setting(f"factor {f}", "fast-dllm factor", "factor", (("factor", f),))
+            for f in (0.5, 1.0, 2.0)]
+    out += [Setting(f"dream {a} k=2", "dream orders", a, (), 2)
+            for a in ("maskgit_plus", "topk_margin", "entropy")]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    task: str
+    dependency: str
+    setting: str
+    family: str
+    n: int
+    accuracy: float
+    exact: float
+    partial: float
+    nfe: float
+    tokens_per_forward: float
+
+
+def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
+             settings: Sequence[Setting], n: int = 100, gen_length: int = 32,
+             batch_size: int = 64, seed: int = 1234, log: Any = None) -> list[Row]:
+    """Decode `n` held-out instances of each task under each setting and score them.
+
+    Args:
+      params, cfg: the model. tokenizer: `dllm_jax.tokenizer.Tokenizer` of the model.
+      gen_length: answer length (must be what the model was trained with; answers are
+        padded with EOS up to it). Must be divisible by every setting's steps_divisor.
+    Returns: one Row per (task, setting).
+    """
+    from controllers import make_controller
+    from dllm_jax.config import GenerateConfig
+    from dllm_jax.decode import generate
+    from dllm_jax.tasks import get_task
+    from dllm_jax.tasks.vocab import decode_answer
+
+    rows: list[Row] = []
+    for name in task_names:
+        task = get_task(name)
+        insts = task.generate(seed, n, split="test")
+        for st in settings:
+            if gen_length % st.steps_divisor:
+                raise ConfigError(f"gen_length {gen_length} is not divisible by {st.steps_divisor} "
+                                  f"({st.label}); choose a gen_length that is.")
+            gen = GenerateConfig(gen_length=gen_length, block_length=gen_length,
+                                 steps=gen_length // st.steps_divisor, cache=st.cache)
+            ctrl = make_controller(st.controller, **dict(st.kwargs))
+            scores, nfes = [], []
+            for i in range(0, len(insts), batch_size):
+                chunk = insts[i:i + batch_size]
+                ids, valid = tokenizer.batch_encode([x.prompt for x in chunk])
+                out = generate(params, cfg, ids, gen, ctrl, prompt_valid=valid)
+                toks = np.asarray(out.tokens)
+                nfes += [int(v) for v in np.asarray(out.stats.nfe)]
+                for inst, row in zip(chunk, toks):
+                    scores.append(task.score(inst, decode_answer(tokenizer, row)))
+            mean_nfe = statistics.fmean(nfes)
+            rows.append(Row(task=name, dependency=task.dependency, setting=st.label,
+                            family=st.family, n=len(scores),
+                            accuracy=100.0 * statistics.fmean(s.valid for s in scores),
+                            exact=100.0 * statistics.fmean(s.exact for s in scores),
+                            partial=statistics.fmean(s.partial for s in scores),
+                            nfe=mean_nfe, tokens_per_forward=gen_length / mean_nfe))
+            if log is not None:
+                r = rows[-1]
+                print(f"  {name:18s} {st.label:22s} acc {r.accuracy:5.1f}%  nfe {r.nfe:5.1f}",
+                      file=log, flush=True)
+    return rows
+
+
+def format_table(rows: Iterable[Row]) -> str:
+    """Markdown table: one line per (task, setting)."""
+    lines = ["| task | dependency | setting | n | accuracy % | exact % | partial | mean NFE | tokens/forward |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.task} | {r.dependency} | {r.setting} | {r.n} | {r.accuracy:.1f} | "
+                     f"{r.exact:.1f} | {r.partial:.3f} | {r.nfe:.1f} | {r.tokens_per_forward:.2f} |")
+    return "\n".join(lines)
+
+
+def summary_by_dependency(rows: Sequence[Row]) -> str:
+    """Mean accuracy per dependency level and setting: the dependency cliff at a glance."""
+    levels = sorted({r.dependency for r in rows}, key=["low", "medium", "high"].index)
+    settings = list(dict.fromkeys(r.setting for r in rows))
+    head = "| setting | mean NFE | " + " | ".join(f"{lv} dep. acc %" for lv in levels) + " |"
+    lines = [head, "|---|---|" + "---|" * len(levels)]
+    for s in settings:
+        sel = [r for r in rows if r.setting == s]
+        accs = []
+        for lv in levels:
+            v = [r.accuracy for r in sel if r.dependency == lv]
+            accs.append(f"{statistics.fmean(v):.1f}" if v else "-")
+        lines.append(f"| {s} | {statistics.fmean(r.nfe for r in sel):.1f} | " + " | ".join(accs) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: str) -> None:
+    """Accuracy vs mean NFE, one panel per task, one line per controller family (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    cols = 4
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    families = list(dict.fromkeys(r.family for r in rows))
+    for ax, task in zip(axes.flat, tasks):
+        for fam in families:
+            sel = sorted((r for r in rows if r.task == task and r.family == fam), key=lambda r: r.nfe)
+            if sel:
+                ax.plot([r.nfe for r in sel], [r.accuracy for r in sel], marker="o", label=fam)
+        dep = next(r.dependency for r in rows if r.task == task)
+        ax.set_title(f"{task} ({dep} dependency)", fontsize=9)
+        ax.set_xlabel("mean NFE")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(-2, 102)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(families), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _atomic_savefig(fig: Any, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated setting labels to run (default: all)")
+    p.add_argument("--n", type=int, default=100, help="held-out instances per task")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="answer length (default: the model's task_format.json, else 32)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=None, help="write the markdown tables here")
+    p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here")
+
+
+def model_gen_length(model_dir: str, default: int = 32) -> int:
+    """The answer length a task model was trained with (task_format.json), else `default`."""
+    import json
+
+    path = os.path.join(model_dir, "task_format.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["answer_length"])
+    return default
+
+
+def run(args: argparse.Namespace) -> int:
+    from dllm_jax.checkpoint import load_model
+    from dllm_jax.tasks import TASKS
+    from dllm_jax.tokenizer import Tokenizer
+
+    if args.model is None:
+        from dllm_jax.generate_cli import _default_model_dir
+        model_dir = _default_model_dir()
+    else:
+        model_dir = args.model
+    names = list(TASKS) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}.")
+    settings = default_settings()
+    if args.settings is not None:
+        wanted = [s.strip() for s in args.settings.split(",")]
+        missing = [w for w in wanted if w not in {s.label for s in settings}]
+        if missing:
+            raise ConfigError(f"unknown settings {missing}; valid: {', '.join(s.label for s in settings)}.")
+        settings = [s for s in settings if s.label in wanted]
+    if args.n <= 0:
+        raise ConfigError(f"--n must be positive, got {args.n}.")
+    cfg, params = load_model(model_dir)
+    tok = Tokenizer.from_dir(model_dir)
+    gen_length = args.gen_length or model_gen_length(model_dir)
+    rows = evaluate(params, cfg, tok, names, settings, n=args.n, gen_length=gen_length,
+                    batch_size=args.batch_size, seed=args.seed, log=sys.stderr)
+    text = (f"### Per task\n\n{format_table(rows)}\n\n### Mean accuracy by dependency level\n\n"
+            f"{summary_by_dependency(rows)}\n")
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
