@@ -3,7 +3,8 @@
 Each loop iteration is one denoising step of the active block:
   1. logits of the active block only `[B, Lb, V]` (classifier-free guidance folds a masked-
      prompt copy into the same forward),
-  2. `features.observe` -> candidates, confidence, entropy, margin; trajectory update,
+  2. `features.observe` -> candidates, confidence, entropy, margin; trajectory update
+     (with the CE filter when the controller declares a `trajectory_filter`),
   3. `controller.decide` -> commit mask `[B, Lb]`,
   4. write committed tokens, record the step that fixed them, count NFE,
   5. when no row has a MASK left in the block, move to the next block that has one.
@@ -209,6 +210,9 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     valid = jnp.concatenate([prompt_valid, jnp.ones((b, g), bool)], axis=1)
     prompt_region = jnp.concatenate([prompt_valid, jnp.zeros((b, g), bool)], axis=1)
     positions = M.default_positions(valid)
+    # A controller that reads the CE filter state declares its (static) settings as
+    # `trajectory_filter`; others leave the filter fields untouched (no cost).
+    ce_filter = getattr(controller, "trajectory_filter", None)
     low_conf_ids: tuple[int, ...] = ()
     if gen.confidence_eos_eot_inf:
         low_conf_ids = tuple(i for i in (cfg.eos_token_id, cfg.eot_token_id) if i >= 0)
@@ -253,7 +257,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, st.block_step)
         feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
                           controller.sampler, low_conf_ids)
-        win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta)
+        win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta, ce_filter)
         ctx = BlockContext(step=step, block_step=st.block_step, block=st.block,
                            masked_at_block_start=st.masked_at_block_start, active=active,
                            key=k_ctl, steps_per_block=gen.steps_per_block)

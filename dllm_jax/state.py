@@ -33,7 +33,8 @@ class Features:
 
 @struct.dataclass
 class Trajectory:
-    """Per-position histories over the whole answer `[B, G]`, updated by `features.update_trajectory`.
+    """Per-position histories over the whole answer `[B, G]` (CE fields `[B, G, ...]`), updated
+    by `features.update_trajectory`.
 
     prev_candidate: int32 candidate at the last observation (-1 before the first).
     prev_confidence: float32 confidence at the last observation (0 before the first).
@@ -41,6 +42,10 @@ class Trajectory:
     stable: int32 consecutive observations with the same candidate (1 after the first).
     flips: int32 number of times the candidate changed.
     observed: int32 number of steps the position was observed while masked.
+    ce_mean: float32 `[B, G, 2]` Confidence-Extrapolation filter posterior mean
+      [level, slope] of the candidate's log-odds (zeros until the first observation, and
+      always zeros when the controller declares no `trajectory_filter`).
+    ce_cov: float32 `[B, G, 2, 2]` its posterior covariance.
     """
 
     prev_candidate: jax.Array
@@ -49,13 +54,16 @@ class Trajectory:
     stable: jax.Array
     flips: jax.Array
     observed: jax.Array
+    ce_mean: jax.Array
+    ce_cov: jax.Array
 
     @classmethod
     def zeros(cls, batch: int, length: int) -> "Trajectory":
         zf = jnp.zeros((batch, length), jnp.float32)
         zi = jnp.zeros((batch, length), jnp.int32)
         return cls(prev_candidate=zi - 1, prev_confidence=zf, momentum=zf, stable=zi,
-                   flips=zi, observed=zi)
+                   flips=zi, observed=zi, ce_mean=jnp.zeros((batch, length, 2), jnp.float32),
+                   ce_cov=jnp.zeros((batch, length, 2, 2), jnp.float32))
 
     def window(self, start: jax.Array, size: int) -> "Trajectory":
         """The `[B, size]` slice beginning at answer index `start` (a traced scalar)."""
