@@ -58,8 +58,22 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=quality.run)
 
 
+def add_train_controller(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax train-controller --model DIR`: fit the TSPD controller for a model."""
+    from controllers.fit import add_arguments, run
+
+    p = subparsers.add_parser(
+        "train-controller", help="fit the TSPD decoding controller on a model's trajectories",
+        description="Record decode trajectories of the model on training-split task instances, "
+                    "label them against a one-token-per-step decode, fit the TSPD controller "
+                    "(optax) and write its parameters to MODEL/tspd.json (or --out FILE).")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate,
                                                                     add_bench]
+SUBCOMMANDS.append(add_train_controller)
 
 
 def build_parser() -> argparse.ArgumentParser:

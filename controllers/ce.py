@@ -1,0 +1,132 @@
+"""Confidence Extrapolation (CE): forecast each token's confidence a few steps ahead.
+
+The filter (our design after arXiv 2605.30753, see shared/SPEC.md "Our controllers"): one
+local-linear-trend Kalman filter per answer position on the candidate's log-odds
+y_t = logit(clip(c_t, 1e-6, 1 - 1e-6)), state [level, slope], restarted when the candidate
+flips. Its state lives in the Trajectory (`ce_mean [B, G, 2]`, `ce_cov [B, G, 2, 2]`) and is
+updated by `features.update_trajectory`, the one place trajectories change, with the
+`CEFilter` (q, r, slope_var0) that the controller declares as `trajectory_filter`: the filter
+settings travel with the controller that reads the filter (a fitted TSPD ships the settings
+it was fitted with), and the decode loop never learns controller names.
+
+Forecast h steps ahead from the posterior (mean m, covariance P):
+    mean_h = level + h * slope
+    var_h  = H F^h P F^h' H' + sum_{i<h} H F^i Q F^i' H' + r
+           = P00 + 2h P01 + h^2 P11 + q (h/3 + h(h-1)/2 + (h-1)h(2h-1)/6) + r
+i.e. the textbook predictive variance of the next observation h steps ahead: uncertainty of
+the current state, process noise accumulated over the h steps, and observation noise.
+
+The `CE` controller = Fast-dLLM's threshold rule plus two rules:
+- safe look-ahead: also commit a masked token whose forecast lower bound
+  sigmoid(mean_h - z * sd_h) clears the threshold (it would clear it within h steps anyway);
+- stabilization: hold a token, even when its confidence clears the threshold, when it is
+    oscillating:        flips >= flip_k and the last flip is at most `recent` observations
+                        old (stable <= recent);
+    falling:            slope < -slope_tol and the forecast mean_h falls below the threshold;
+    flat and unsure:    the confidence clears the threshold, but with at least two
+                        observations of the current candidate, |slope| <= flat_tol and the
+                        filtered level's lower bound level - z * sqrt(P00 + r) below the
+                        threshold (it sits at the threshold and is not rising).
+  A held token is not committed; when a row commits nothing, the best NON-held masked token
+  (by confidence) is committed instead, so the step is spent elsewhere; only when every
+  masked token is held does the most confident held one commit (at least one per row).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from controllers.base import at_least_one
+from dllm_jax.features import CEFilter
+from dllm_jax.state import BlockContext, Features, Trajectory
+
+
+def py_logit(p: float) -> float:
+    """logit(p) in float64 Python arithmetic (+inf at 1, -inf at 0)."""
+    if p >= 1.0:
+        return math.inf
+    if p <= 0.0:
+        return -math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def process_noise_sum(h: int) -> float:
+    """sum_{i<h} (F^i Q F^i')[0, 0] / q = h/3 + h(h-1)/2 + (h-1)h(2h-1)/6."""
+    return h / 3.0 + h * (h - 1) / 2.0 + (h - 1) * h * (2 * h - 1) / 6.0
+
+
+def ce_forecast(traj: Trajectory, horizon: int, f: CEFilter) -> tuple[jax.Array, jax.Array]:
+    """(mean_h, sd_h) `[B, Lb]` of the log-odds `horizon` steps ahead (see the module doc)."""
+    m, p = traj.ce_mean, traj.ce_cov
+    h = float(horizon)
+    mean = m[..., 0] + h * m[..., 1]
+    var = (p[..., 0, 0] + 2.0 * h * p[..., 0, 1] + h * h * p[..., 1, 1]
+           + jnp.float32(f.q * process_noise_sum(horizon)) + jnp.float32(f.r))
+    return mean, jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+@struct.dataclass
+class CE:
+    """Threshold rule + CE safe look-ahead + CE stabilization (see the module doc).
+
+    threshold: commit threshold on confidence (as Fast-dLLM's, default 0.9).
+    horizon: look-ahead h in steps; z: width of the lower bound in forecast sds.
+    lookahead / stabilize: switch each rule (both off = the threshold rule).
+    flip_k, recent: oscillation = >= flip_k flips, the last one <= recent observations ago.
+    slope_tol: a slope below -slope_tol (log-odds per step) counts as falling.
+    flat_tol: |slope| <= flat_tol counts as flat.
+    trajectory_filter: the CE filter settings the decode loop runs (q, r, slope_var0).
+    """
+
+    threshold: float = struct.field(pytree_node=False, default=0.9)
+    horizon: int = struct.field(pytree_node=False, default=2)
+    z: float = struct.field(pytree_node=False, default=1.0)
+    lookahead: bool = struct.field(pytree_node=False, default=True)
+    stabilize: bool = struct.field(pytree_node=False, default=True)
+    flip_k: int = struct.field(pytree_node=False, default=2)
+    recent: int = struct.field(pytree_node=False, default=2)
+    slope_tol: float = struct.field(pytree_node=False, default=0.0)
+    flat_tol: float = struct.field(pytree_node=False, default=0.1)
+    trajectory_filter: CEFilter = struct.field(pytree_node=False, default=CEFilter())
+    sampler: str = struct.field(pytree_node=False, default="llada")
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def rules(self, feats: Features, traj: Trajectory) -> dict[str, jax.Array]:
+        """The rule masks `[B, Lb]` (bool, over masked positions): base (threshold), lookahead,
+        oscillating, falling, flat (flat and unsure), hold (any of the three)."""
+        f = self.trajectory_filter
+        masked = feats.masked
+        lt = jnp.float32(py_logit(self.threshold))
+        mean_h, sd_h = ce_forecast(traj, self.horizon, f)
+        level, slope = traj.ce_mean[..., 0], traj.ce_mean[..., 1]
+        base = masked & (feats.confidence >= self.threshold)
+        look = masked & (mean_h - self.z * sd_h >= lt)
+        osc = masked & (traj.flips >= self.flip_k) & (traj.stable <= self.recent)
+        falling = masked & (slope < -self.slope_tol) & (mean_h < lt)
+        sd0 = jnp.sqrt(traj.ce_cov[..., 0, 0] + jnp.float32(f.r))
+        flat = (base & (traj.stable >= 2) & (jnp.abs(slope) <= self.flat_tol)
+                & (level - self.z * sd0 < lt))
+        return dict(base=base, lookahead=look, oscillating=osc, falling=falling, flat=flat,
+                    hold=osc | falling | flat)
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        r = self.rules(feats, traj)
+        commit = r["base"] | r["lookahead"] if self.lookahead else r["base"]
+        conf = jnp.where(feats.masked, feats.confidence, -jnp.inf)
+        if self.stabilize:
+            commit = commit & ~r["hold"]
+            # conf is in [0, 1]: held tokens rank after every non-held one.
+            score = jnp.where(r["hold"], conf - 2.0, conf)
+        else:
+            score = conf
+        return at_least_one(commit, score, feats.masked), state
+
+
+__all__ = ["CE", "ce_forecast", "process_noise_sum", "py_logit"]
