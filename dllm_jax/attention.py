@@ -3,16 +3,52 @@
 Shapes: queries `[batch, q_len, heads, head_dim]`, keys/values
 `[batch, kv_len, kv_heads, head_dim]`, boolean masks `[batch, q_len, kv_len]` (True = may attend).
 Scores and softmax are computed in float32 whatever the input dtype (bf16 on accelerators).
+
+Sequence parallelism: under `sequence_parallel(mesh)` (entered by `sharding.activate` and by
+`decode.generate(..., mesh=mesh)`) with a mesh whose `seq` axis is > 1, the same
+`dot_product_attention` runs as ring attention (self-attention) or a split-K reduce (a short
+query block against a long cache) across `seq`, via `jax.shard_map`; see `sharding.py`.
+impl "ring" asks for it explicitly (and fails without such a mesh).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import contextvars
+from typing import Any, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["xla", "cudnn", "auto"]
+AttentionImpl = Literal["xla", "cudnn", "auto", "ring"]
+
+# The mesh of the decode being traced, if any (read at trace time; the compiled decode takes
+# the mesh as a static argument, so a trace made under one mesh is never reused for another).
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("dllm_jax_attention_mesh",
+                                                           default=None)
+
+
+@contextlib.contextmanager
+def sequence_parallel(mesh: Any) -> Iterator[None]:
+    """Attention traced inside this context is sequence-parallel over `mesh`'s `seq` axis
+    (when it is > 1). None leaves attention local."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def _seq_mesh(impl: str) -> Any:
+    """The active mesh when attention must run sequence-parallel, else None."""
+    mesh = _MESH.get()
+    shape = {} if mesh is None else dict(mesh.shape)
+    if impl == "ring" or shape.get("seq", 1) > 1:
+        if "seq" not in shape:
+            raise ValueError("attention impl 'ring' needs a device mesh with a 'seq' axis: run "
+                             "under sharding.activate(mesh) or generate(..., mesh=mesh).")
+        return mesh
+    return None
 
 
 def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
@@ -91,10 +127,18 @@ def dot_product_attention(
       mask: `[batch, q_len, kv_len]` bool.
       impl: "xla" (portable, float32 softmax), "cudnn" (fused flash kernel through
         `jax.nn.dot_product_attention`; GPU with bf16/fp16 and a head dim that is a multiple
-        of 8 up to 256), or "auto" (cuDNN where it applies, XLA elsewhere).
+        of 8 up to 256), "auto" (cuDNN where it applies, XLA elsewhere), or "ring"
+        (sequence-parallel over the active mesh's `seq` axis). Whatever the impl, attention
+        traced under `sequence_parallel(mesh)` with seq > 1 is sequence-parallel (its
+        per-device kernel is the XLA one, which yields the softmax statistics it merges).
     Returns:
       `[batch, q_len, heads, head_dim]` in q's dtype.
     """
+    mesh = _seq_mesh(impl)
+    if mesh is not None:
+        from dllm_jax.sharding import seq_parallel_attention
+
+        return seq_parallel_attention(q, k, v, mask, mesh)
     if impl == "cudnn" or (impl == "auto" and _cudnn_ok(q)):
         if not _cudnn_ok(q):
             raise ValueError("attention impl 'cudnn' needs a GPU, bf16/fp16 activations and a "
@@ -102,5 +146,6 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
                                             implementation="cudnn")
     if impl not in ("xla", "auto", "cudnn"):
-        raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'.")
+        raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn', 'auto' or "
+                         f"'ring'.")
     return _xla_attention(q, k, v, mask)
