@@ -25,6 +25,7 @@ from flax import struct
 
 from dllm_jax import features as F
 from dllm_jax import model as M
+from dllm_jax import sharding as S
 from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
 from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Trajectory
@@ -84,6 +85,7 @@ def generate(
     *,
     prompt_valid: Any = None,
     key: jax.Array | None = None,
+    mesh: Any = None,
 ) -> GenerateOutput:
     """Decode answers for a batch of (left-padded) prompts.
 
@@ -95,12 +97,19 @@ def generate(
       controller: a Controller (see `controllers.make_controller`).
       prompt_valid: bool `[B, P]`, False on padding; None means no padding.
       key: PRNG key for sampling and random controllers (default key 0).
+      mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (e.g. "data=2,model=2,seq=2"):
+        params, prompt, loop carry and KV cache are laid out by the rules in `sharding.py`
+        and attention runs sequence-parallel when seq > 1. None: one device (unchanged).
     Returns:
       GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
     """
     prompt, valid = _validate(params, model_cfg, prompt, prompt_valid, gen_cfg, controller)
     if key is None:
         key = jax.random.key(0)
+    if mesh is not None:
+        args = S.place_generate_inputs(mesh, params, prompt, valid, key, controller)
+        with S.activate(mesh):
+            return _generate_jit(*args, model_cfg=model_cfg, gen_cfg=gen_cfg, mesh=mesh)
     return _generate_jit(params, jnp.asarray(prompt), jnp.asarray(valid), key, controller,
                          model_cfg=model_cfg, gen_cfg=gen_cfg)
 
@@ -199,10 +208,10 @@ def _fill_after_eos(answer: jax.Array, fix_step: jax.Array, step: jax.Array, mas
     return jnp.where(fill, eos_id, answer), jnp.where(fill, step, fix_step)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "gen_cfg"))
+@functools.partial(jax.jit, static_argnames=("model_cfg", "gen_cfg", "mesh"))
 def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: jax.Array,
-                  controller: Any, *, model_cfg: ModelConfig, gen_cfg: GenerateConfig
-                  ) -> GenerateOutput:
+                  controller: Any, *, model_cfg: ModelConfig, gen_cfg: GenerateConfig,
+                  mesh: Any = None) -> GenerateOutput:
     cfg, gen = model_cfg, gen_cfg
     b, p = prompt.shape
     g, lb, mask_id = gen.gen_length, gen.block_length, cfg.mask_token_id
@@ -243,6 +252,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             cfg.num_layers, 2 * b if gen.cfg_scale > 0 else b, p + g, cfg.num_kv_heads,
             cfg.head_dim, params["embed"].dtype),
     )
+    state = S.constrain_state(state, mesh)  # no-op without a mesh
 
     def cond(st: DecodeState) -> jax.Array:
         return (st.stats.steps < gen.max_steps) & jnp.any(st.tokens[:, p:] == mask_id)
@@ -287,7 +297,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                   for k, v in tr.items()}
         stats = DecodeStats(nfe=st.stats.nfe + active.astype(jnp.int32),
                             steps=step + 1, fix_step=fix_step, trace=tr)
-        return DecodeState(
+        return S.constrain_state(DecodeState(
             tokens=tokens,
             traj=st.traj.write_window(a0, win),
             block=nxt,
@@ -297,7 +307,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             controller_state=cstate,
             key=key,
             cache=cache,
-        )
+        ), mesh)
 
     final = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(tokens=final.tokens[:, p:], stats=final.stats)
