@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from dllm_jax import sharding as S
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import init_params, param_shapes, unstack_layers
+from dllm_jax.model import init_params, param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,10 @@ def test_every_param_has_logical_axes(arch: str) -> None:
 
 def test_per_layer_params_and_missing_rule() -> None:
     cfg = ModelConfig.tiny("llada")
-    params = unstack_layers(init_params(cfg, jax.random.key(0)))
+    stacked = init_params(cfg, jax.random.key(0))
+    # the per-layer layout (layers as a list of dicts, as model.unstack_layers makes it)
+    params = dict(stacked, layers=[{k: v[i] for k, v in stacked["layers"].items()}
+                                   for i in range(cfg.num_layers)])
     axes = S.param_axes(params)
     assert axes["layers"][1]["o_proj"] == ("heads", "embed")
     shardings = S.param_shardings(params, S.make_mesh("data=1"))
