@@ -71,8 +71,24 @@ def add_train_controller(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_batch(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax batch`: JSONL prompts -> JSONL answers, restartable, on a device mesh."""
+    from dllm_jax.batch_cli import add_arguments, run
+
+    p = subparsers.add_parser(
+        "batch", help="decode a JSONL file of prompts (restartable; meshes and multi-host)",
+        description="Decode every {id, prompt | prompt_ids} line of --input and append "
+                    "{id, tokens, text, nfe, steps} lines to --output as batches finish. A "
+                    "restart skips ids already answered; malformed lines are reported and "
+                    "skipped. --mesh data=2,model=2,seq=2 shards the decode; --distributed "
+                    "runs one process per host, each on its slice of the input.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate,
                                                                     add_bench]
+SUBCOMMANDS.append(add_batch)
 SUBCOMMANDS.append(add_train_controller)
 
 
