@@ -1,0 +1,247 @@
+"""Sharding benchmark for the 2-GPU machine: batch throughput on 1 vs 2 devices, and a long
+(>= 32k tokens of prompt + answer) decode on 1 device vs sequence-parallel over 2.
+
+    python benchmarks/sharding.py                    # nvidia-h200-x2, LLaDA-8B shapes, bf16
+    python benchmarks/sharding.py --tiny             # CPU smoke test: 2 simulated devices
+    python benchmarks/sharding.py --cases long_1dev,long_2dev_seq --long-tokens 65536
+
+Each case runs in a fresh subprocess (so its peak memory is its own and an out-of-memory
+failure is a result, not a crash of the benchmark) and prints one JSON line; the parent prints
+a table and, with --json FILE, writes all rows. Weights are random (drawn on the devices,
+already sharded, in the params dtype): timing does not depend on their values. The decode uses
+LLaDA's low-confidence rule with a fixed schedule, so every case does the same number of
+forwards. Throughput counts answer tokens only (batch x gen_length / wall time of the
+compiled decode, compile excluded).
+
+Cases:
+  batch_1dev        one device, the plain single-device path (no mesh)
+  batch_2dev_data   mesh data=2: the batch split over both devices
+  batch_2dev_model  mesh model=2: tensor parallel (heads / MLP / vocab split)
+  long_1dev         one device, prompt + answer = --long-tokens
+  long_2dev_seq     mesh seq=2: tokens and KV cache split, ring attention
+  long_2dev_model   mesh model=2: weights and KV heads split, sequence whole
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+CASES = ("batch_1dev", "batch_2dev_data", "batch_2dev_model", "long_1dev", "long_2dev_seq",
+         "long_2dev_model")
+MESHES = {"batch_1dev": None, "batch_2dev_data": "data=2", "batch_2dev_model": "model=2",
+          "long_1dev": None, "long_2dev_seq": "seq=2", "long_2dev_model": "model=2"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke test: tiny model, 2 simulated host devices, short sequences")
+    p.add_argument("--model", default="llada_8b", choices=("llada_8b", "dream_7b"),
+                   help="model shapes (random weights)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the number of layers (e.g. to fit a long case)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=16, help="rows of the batch-throughput cases")
+    p.add_argument("--prompt-length", type=int, default=256, help="batch cases' prompt length")
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="default: gen-length")
+    p.add_argument("--cache", default="dual", help="none | prefix | dual")
+    p.add_argument("--long-tokens", type=int, default=32768,
+                   help="prompt + answer tokens of the long cases (>= 32k on the GPUs)")
+    p.add_argument("--long-gen-length", type=int, default=32)
+    p.add_argument("--attn-impl", default="auto", help="attention of the unsharded paths")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--json", default=None, help="write all rows to this file")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch, args.prompt_length, args.gen_length = 4, 16, 16
+        args.block_length, args.long_tokens, args.long_gen_length = 8, 256, 16
+        args.repeats = min(args.repeats, 2)
+        args.timeout = min(args.timeout, 600)
+    return args
+
+
+# ----------------------------------------------------------------------------- one case
+def _model_cfg(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from dllm_jax.config import ModelConfig
+
+    if args.tiny:
+        cfg = ModelConfig.tiny("llada", vocab_size=128, mask_token_id=127, hidden_size=64,
+                               num_heads=4, num_kv_heads=4, head_dim=16,
+                               max_position=args.long_tokens + 64)
+    else:
+        cfg = ModelConfig.llada_8b() if args.model == "llada_8b" else ModelConfig.dream_7b()
+        cfg = dataclasses.replace(cfg, max_position=max(cfg.max_position, args.long_tokens))
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    return cfg
+
+
+def _random_params(cfg: Any, dtype: Any, mesh: Any) -> Any:
+    """Random weights drawn leaf by leaf on the devices, in `dtype`, already sharded."""
+    import jax
+    import jax.numpy as jnp
+
+    from dllm_jax import sharding as S
+    from dllm_jax.model import param_shapes
+
+    shapes = param_shapes(cfg, dtype)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, shapes)
+    else:
+        shardings = S.param_shardings(shapes, mesh)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    out = []
+    for i, ((path, sd), sh) in enumerate(zip(leaves, jax.tree_util.tree_leaves(shardings))):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            fn = lambda k, sd=sd: jnp.ones(sd.shape, sd.dtype)  # noqa: E731
+        elif "bias" in name:
+            fn = lambda k, sd=sd: jnp.zeros(sd.shape, sd.dtype)  # noqa: E731
+        else:
+            fn = lambda k, sd=sd: 0.02 * jax.random.normal(k, sd.shape, sd.dtype)  # noqa: E731
+        out.append(jax.jit(fn, out_shardings=sh)(jax.random.key(i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _memory() -> list[dict[str, Any]]:
+    import jax
+
+    rows = []
+    for d in jax.local_devices():
+        try:
+            st = d.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - backends without allocator stats
+            st = {}
+        rows.append({"device": str(d), "peak_gib": (st.get("peak_bytes_in_use", 0) / 2**30
+                                                    if st else None),
+                     "limit_gib": st.get("bytes_limit", 0) / 2**30 if st else None})
+    return rows
+
+
+def run_case(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from controllers import make_controller
+    from dllm_jax import sharding as S
+    from dllm_jax.config import GenerateConfig
+    from dllm_jax.decode import generate
+
+    case = args.case
+    cfg = _model_cfg(args)
+    dtype = jnp.dtype(args.dtype)
+    spec = MESHES[case]
+    mesh = None if spec is None else S.make_mesh(spec, devices=jax.devices()[:2])
+    long = case.startswith("long")
+    if long:
+        g = args.long_gen_length
+        b, p = 1, args.long_tokens - g
+        gen = GenerateConfig(gen_length=g, block_length=min(args.block_length, g), steps=g,
+                             cache=args.cache, attn_impl=args.attn_impl)
+    else:
+        g, b, p = args.gen_length, args.batch, args.prompt_length
+        gen = GenerateConfig(gen_length=g, block_length=args.block_length,
+                             steps=args.steps or g, cache=args.cache, attn_impl=args.attn_impl)
+    row: dict[str, Any] = {"case": case, "mesh": spec or "single device",
+                           "devices": 1 if mesh is None else mesh.devices.size,
+                           "device_kind": jax.devices()[0].device_kind, "model": args.model
+                           if not args.tiny else "tiny", "layers": cfg.num_layers,
+                           "dtype": str(dtype), "batch": b, "prompt": p, "gen_length": g,
+                           "tokens": p + g, "cache": gen.cache}
+    try:
+        params = _random_params(cfg, dtype, mesh)
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(3, min(cfg.vocab_size, 30000), size=(b, p)).astype(np.int32)
+        ctrl = make_controller("low_confidence")
+        t0 = time.perf_counter()
+        out = generate(params, cfg, prompt, gen, ctrl, mesh=mesh)
+        out.tokens.block_until_ready()
+        row["first_call_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = generate(params, cfg, prompt, gen, ctrl, mesh=mesh)
+            out.tokens.block_until_ready()
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        row.update(status="ok", decode_s=t, nfe=int(np.asarray(out.stats.nfe).max()),
+                   answer_tokens_per_s=b * g / t, ms_per_forward=1e3 * t / max(
+                       int(np.asarray(out.stats.nfe).max()), 1))
+    except Exception as e:  # noqa: BLE001 - an OOM is a result of this benchmark
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        row.update(status="OOM" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in
+                   str(e).lower() else "error", error=msg)
+    row["memory"] = _memory()
+    return row
+
+
+# ----------------------------------------------------------------------------- driver
+def _fmt(row: dict[str, Any]) -> str:
+    used = row.get("memory", [])[:max(int(row.get("devices", 1)), 1)]
+    peaks = [m["peak_gib"] for m in used if m.get("peak_gib") is not None]
+    mem = "/".join(f"{x:.1f}" for x in peaks) if peaks else "n/a"
+    if row.get("status") != "ok":
+        return (f"{row['case']:<18} {row['mesh']:<14} {row['tokens']:>7} {row['batch']:>5} "
+                f"{row.get('status', '?'):>10}  peak GiB/dev {mem}  {row.get('error', '')}")
+    return (f"{row['case']:<18} {row['mesh']:<14} {row['tokens']:>7} {row['batch']:>5} "
+            f"{row['answer_tokens_per_s']:>10.1f}  {row['ms_per_forward']:>8.2f} ms/fwd  "
+            f"nfe {row['nfe']:>4}  peak GiB/dev {mem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.case:
+        print(json.dumps(run_case(args)), flush=True)
+        return 0
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        print(f"error: unknown case(s) {unknown}; choose from {', '.join(CASES)}.",
+              file=sys.stderr)
+        return 2
+    rows = []
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    print(f"{'case':<18} {'mesh':<14} {'tokens':>7} {'batch':>5} {'ans tok/s':>10}", flush=True)
+    for case in cases:
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--case", case]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env=dict(os.environ))
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {
+                "case": case, "mesh": MESHES[case] or "single device", "tokens": 0, "batch": 0,
+                "status": f"crashed rc={proc.returncode}",
+                "error": (proc.stderr.strip().splitlines() or [""])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            row = {"case": case, "mesh": MESHES[case] or "single device", "tokens": 0,
+                   "batch": 0, "status": "timeout", "error": f"> {args.timeout} s"}
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r.get("status") in ("ok", "OOM") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
