@@ -63,10 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="step budget (default: gen-length)")
     p.add_argument("--controller", default="low_confidence",
                    help="low_confidence | random | threshold | factor | maskgit_plus | "
-                        "topk_margin | entropy | origin")
+                        "topk_margin | entropy | origin | ce | r2 | tspd (fitted: the "
+                        "model folder's tspd.json)")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--alg-temp", type=float, default=0.0)
+    p.add_argument("--tau", type=float, default=None,
+                   help="tspd: commit threshold on p(converged) (default: the fitted file's)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale")
     p.add_argument("--cache", default="none", help="KV cache: none | prefix | dual")
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps or gen_length, temperature=args.temperature, cfg_scale=args.cfg,
             cache=args.cache, refresh_every=args.refresh_every)
         controller = make_controller(args.controller, threshold=args.threshold,
-                                     factor=args.factor, alg_temp=args.alg_temp)
+                                     factor=args.factor, alg_temp=args.alg_temp, tau=args.tau,
+                                     model_dir=model_dir)
         out = generate(params, cfg, np.asarray([ids], np.int32), gen, controller,
                        key=jax.random.key(args.seed))
     except (ValueError, TokenizerError, GenerateError) as e:
