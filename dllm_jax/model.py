@@ -124,9 +124,15 @@ def project_qkv(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin:
     """
     b, t, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _dense(h, lp["q_proj"]), _dense(h, lp["k_proj"]), _dense(h, lp["v_proj"])
-    if cfg.qkv_bias:
-        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if "qkv_proj" in lp:                      # fused layout (see `unstack_layers`)
+        qkv = _dense(h, lp["qkv_proj"])
+        if cfg.qkv_bias:
+            qkv = qkv + lp["qkv_bias"]
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    else:
+        q, k, v = _dense(h, lp["q_proj"]), _dense(h, lp["k_proj"]), _dense(h, lp["v_proj"])
+        if cfg.qkv_bias:
+            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -141,7 +147,10 @@ def attention_out_and_mlp(cfg: ModelConfig, lp: Params, x: jax.Array, attn: jax.
     b, t = attn.shape[:2]
     x = x + _dense(attn.reshape(b, t, cfg.q_size), lp["o_proj"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = _dense(h, lp["gate_proj"]), _dense(h, lp["up_proj"])
+    if "gate_up_proj" in lp:                  # fused layout (see `unstack_layers`)
+        gate, up = jnp.split(_dense(h, lp["gate_up_proj"]), 2, axis=-1)
+    else:
+        gate, up = _dense(h, lp["gate_proj"]), _dense(h, lp["up_proj"])
     return x + _dense(jax.nn.silu(gate) * up, lp["down_proj"])
 
 
@@ -214,7 +223,11 @@ def apply(
 def _run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
                 attend: Any, cache: Any = None, collect_kv: bool = False
                 ) -> tuple[jax.Array, Any]:
-    """`lax.scan` over the stacked layers. `attend(q, k, v, cached_k, cached_v) -> out`.
+    """The layers over `x`. `attend(q, k, v, cached_k, cached_v) -> out`.
+
+    Stacked layers (a dict of `[L, ...]` arrays) run under `lax.scan`; per-layer layers (a
+    list of dicts, see `unstack_layers`) run as an unrolled Python loop, so that no layer's
+    weights are sliced (and on GPU copied) out of a stacked buffer at every call.
 
     Returns the final hidden states and, with collect_kv, the per-layer (post-RoPE) keys and
     values `[L, B, T, Hkv, hd]`.
@@ -225,8 +238,82 @@ def _run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, 
         x = attention_out_and_mlp(cfg, lp, x, attend(q, k, v, ck, cv))
         return x, ((k, v) if collect_kv else None)
 
-    xs = (params["layers"], None if cache is None else cache.k, None if cache is None else cache.v)
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        kvs = []
+        for i, lp in enumerate(layers):
+            ck = None if cache is None else cache.k[i]
+            cv = None if cache is None else cache.v[i]
+            x, kv = layer(x, (lp, ck, cv))
+            kvs.append(kv)
+        if not collect_kv:
+            return x, None
+        return x, (jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs]))
+    xs = (layers, None if cache is None else cache.k, None if cache is None else cache.v)
     return jax.lax.scan(layer, x, xs)
+
+
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "qkv_bias": ("q_bias", "k_bias", "v_bias"),
+          "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def unstack_layers(params: Params, fuse: bool = False) -> Params:
+    """The same params with `layers` as a list of per-layer dicts (one buffer per weight).
+
+    On GPU the per-layer layout runs faster (no weight copies out of the stacked buffers
+    inside the layer loop); call it once, outside jit. Each stacked leaf is released as soon
+    as it is split, so the peak extra memory is one stacked leaf (if the caller drops its
+    own reference to the stacked params).
+
+    fuse: also join q/k/v into one `qkv_proj [D, q+2kv]` (and biases into `qkv_bias`) and
+    gate/up into one `gate_up_proj [D, 2F]`, so that each is one wider matmul.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        per_layer = [dict(lp) for lp in layers]
+    else:
+        names = list(layers)
+        n = layers[names[0]].shape[0]
+        per_layer = [{} for _ in range(n)]
+        stacked = dict(layers)
+        for name in names:
+            leaf = stacked.pop(name)
+            for i in range(n):
+                per_layer[i][name] = leaf[i]
+            del leaf
+    if fuse:
+        for lp in per_layer:
+            for joined, parts in _FUSED.items():
+                if all(p in lp for p in parts):
+                    lp[joined] = jnp.concatenate([lp.pop(p) for p in parts], axis=-1)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = per_layer
+    return out
+
+
+def stack_layers(params: Params, cfg: ModelConfig | None = None) -> Params:
+    """Inverse of `unstack_layers`: `layers` as a dict of `[L, ...]` arrays (a fused layout
+    is split again, which needs `cfg`)."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    split = []
+    for lp in layers:
+        lp = dict(lp)
+        if "qkv_proj" in lp or "gate_up_proj" in lp:
+            if cfg is None:
+                raise ValueError("stack_layers needs the ModelConfig to split fused weights.")
+            cuts = [cfg.q_size, cfg.q_size + cfg.kv_size]
+            for joined in ("qkv_proj", "qkv_bias"):
+                if joined in lp:
+                    for p, a in zip(_FUSED[joined], jnp.split(lp.pop(joined), cuts, axis=-1)):
+                        lp[p] = a
+            if "gate_up_proj" in lp:
+                lp["gate_proj"], lp["up_proj"] = jnp.split(lp.pop("gate_up_proj"), 2, axis=-1)
+        split.append(lp)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = {name: jnp.stack([lp[name] for lp in split]) for name in split[0]}
+    return out
 
 
 def _full_forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
