@@ -258,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
     from controllers import make_controller
     from dllm_jax import sharding as S
     from dllm_jax.checkpoint import load_config, load_model
+    from dllm_jax.model import decode_layout
     from dllm_jax.config import GenerateConfig
     from dllm_jax.decode import GenerateError, generate
     from dllm_jax.tokenizer import Tokenizer, TokenizerError
@@ -304,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, _ = load_config(model_dir)
     cfg, params = load_model(model_dir, dtype=args.dtype,
                              shardings=S.param_shardings(cfg, mesh))
+    params = decode_layout(params, fuse=False)  # the sharding rules name unfused weights
     tok = None
     if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         tok = Tokenizer.from_dir(model_dir)

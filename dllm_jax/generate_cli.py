@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from dllm_jax.checkpoint import load_model
     from dllm_jax.config import GenerateConfig
     from dllm_jax.decode import GenerateError, generate
+    from dllm_jax.model import decode_layout
     from dllm_jax.tokenizer import Tokenizer, TokenizerError
 
     text = args.prompt if args.prompt is not None else args.text
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"model folder {model_dir} does not exist; pass --model DIR from "
                          f"`dllm-jax convert`.")
     cfg, params = load_model(model_dir)
+    params = decode_layout(params)
     tok = None
     if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         tok = Tokenizer.from_dir(model_dir)
