@@ -83,9 +83,11 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
     from dllm_jax.tasks.vocab import decode_answer
 
     rows: list[Row] = []
+    instances = {name: get_task(name).generate(seed, n, split="test") for name in task_names}
+    # One prompt width for every task, so that each setting compiles once.
+    width = max(len(tokenizer.encode(x.prompt)) for insts in instances.values() for x in insts)
     for name in task_names:
-        task = get_task(name)
-        insts = task.generate(seed, n, split="test")
+        task, insts = get_task(name), instances[name]
         for st in settings:
             if gen_length % st.steps_divisor:
                 raise ConfigError(f"gen_length {gen_length} is not divisible by {st.steps_divisor} "
@@ -96,7 +98,8 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
             scores, nfes = [], []
             for i in range(0, len(insts), batch_size):
                 chunk = insts[i:i + batch_size]
-                ids, valid = tokenizer.batch_encode([x.prompt for x in chunk])
+                ids, valid = _left_pad(*tokenizer.batch_encode([x.prompt for x in chunk]),
+                                       width, tokenizer.pad_id)
                 out = generate(params, cfg, ids, gen, ctrl, prompt_valid=valid)
                 toks = np.asarray(out.tokens)
                 nfes += [int(v) for v in np.asarray(out.stats.nfe)]
@@ -114,6 +117,16 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
                 print(f"  {name:18s} {st.label:22s} acc {r.accuracy:5.1f}%  nfe {r.nfe:5.1f}",
                       file=log, flush=True)
     return rows
+
+
+def _left_pad(ids: np.ndarray, valid: np.ndarray, width: int, pad_id: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad `[B, P]` prompt ids and their key mask to `[B, width]`."""
+    extra = width - ids.shape[1]
+    if extra <= 0:
+        return ids, valid
+    return (np.concatenate([np.full((ids.shape[0], extra), pad_id, ids.dtype), ids], axis=1),
+            np.concatenate([np.zeros((ids.shape[0], extra), bool), valid], axis=1))
 
 
 def format_table(rows: Iterable[Row]) -> str:
