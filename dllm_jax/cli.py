@@ -86,10 +86,23 @@ def add_batch(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax train --out DIR`: masked-diffusion training of a small model on the tasks."""
+    from dllm_jax.train import add_arguments, run
+
+    p = subparsers.add_parser(
+        "train", help="train a small diffusion LM on the dependency tasks",
+        description="Masked-diffusion (LLaDA objective; --block-diffusion for SDAR-style) training "
+                    "on dllm_jax.tasks, with orbax checkpoints (--resume) and a model folder at --out.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate,
                                                                     add_bench]
 SUBCOMMANDS.append(add_batch)
 SUBCOMMANDS.append(add_train_controller)
+SUBCOMMANDS.append(add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
