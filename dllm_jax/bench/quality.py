@@ -213,7 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated setting labels to run (default: all)")
     p.add_argument("--n", type=int, default=100, help="held-out instances per task")
     p.add_argument("--gen-length", type=int, default=None,
-                   help="answer length (default: the model's task_format.json, else 32)")
+                   help="answer length (default: the model's train_config.json, else 32)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None, help="write the markdown tables here")
@@ -221,13 +221,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_gen_length(model_dir: str, default: int = 32) -> int:
-    """The answer length a task model was trained with (task_format.json), else `default`."""
+    """The answer length a task model was trained with (train_config.json of `dllm-jax
+    train`), else `default`."""
     import json
 
-    path = os.path.join(model_dir, "task_format.json")
+    path = os.path.join(model_dir, "train_config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["answer_length"])
+            return int(json.load(f)["train"]["answer_length"])
     return default
 
 
