@@ -319,7 +319,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=64, help="training-split instances per task")
     p.add_argument("--steps", type=int, default=400, help="optimiser steps of the fit")
     p.add_argument("--gen-length", type=int, default=None,
-                   help="answer length (default: the model's task_format.json, else 32)")
+                   help="answer length (default: the model's train_config.json, else 32)")
     p.add_argument("--block-length", type=int, default=None, help="default: gen-length")
     p.add_argument("--thresholds", default="0.9,0.7",
                    help="Fast-dLLM thresholds whose decodes are recorded (besides the "

@@ -98,11 +98,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_generate,
-                                                                    add_bench]
-SUBCOMMANDS.append(add_batch)
-SUBCOMMANDS.append(add_train_controller)
-SUBCOMMANDS.append(add_train)
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_convert, add_generate, add_batch, add_train, add_train_controller, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
