@@ -76,3 +76,18 @@ def test_cli(task_model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "unknown tasks" in capsys.readouterr().err
     assert main(["bench", "quality", "--model", str(model_dir), "--settings", "k=99"]) == 2
     assert "unknown settings" in capsys.readouterr().err
+
+
+def test_tspd_targets_table() -> None:
+    from dllm_jax.bench.quality import Row, tspd_targets
+
+    def row(task: str, dep: str, setting: str, acc: float, nfe: float) -> Row:
+        return Row(task, dep, setting, "f", 10, acc, acc, 1.0, nfe, 32 / nfe)
+
+    rows = [row("shuffle", "high", "llada k=1", 100, 32), row("copy", "low", "llada k=1", 100, 32),
+            row("shuffle", "high", "threshold 0.9", 90, 10), row("copy", "low", "threshold 0.9", 100, 10),
+            row("shuffle", "high", "tspd+ce tau=0.5", 99, 6), row("copy", "low", "tspd+ce tau=0.5", 100, 6),
+            row("shuffle", "high", "tspd+ce tau=0.9", 95, 9), row("copy", "low", "tspd+ce tau=0.9", 100, 9)]
+    text = tspd_targets(rows)
+    assert "| tspd+ce tau=0.5 | 99.5 | 6.00 | 40.0% | yes | 1.0 | yes |" in text
+    assert "| tspd+ce tau=0.9 | 97.5 | 9.00 | 10.0% | yes | 5.0 | no |" in text

@@ -51,6 +51,30 @@ def default_settings() -> list[Setting]:
     return out
 
 
+def trajectory_settings() -> list[Setting]:
+    """Issue 6's controllers: R2, CE on top of the threshold rule, TSPD alone (fitted without
+    the CE forecast, `tspd_noce.json`) and TSPD + CE (`tspd.json`), each at several settings.
+    TSPD files are read from the model folder."""
+    out = [Setting(f"r2 t={t}", "r2", "r2", (("threshold", t),)) for t in (0.7, 0.9)]
+    out += [Setting(f"ce t={t}", "ce (threshold + forecast)", "ce", (("threshold", t),))
+            for t in (0.5, 0.7, 0.9)]
+    out += [Setting(f"tspd tau={tau}", "tspd alone", "tspd",
+                    (("tspd_file", "tspd_noce.json"), ("tau", tau))) for tau in (0.5, 0.7, 0.9)]
+    out += [Setting(f"tspd+ce tau={tau}", "tspd + ce", "tspd",
+                    (("tspd_file", "tspd.json"), ("tau", tau))) for tau in (0.5, 0.7, 0.9)]
+    return out
+
+
+def _controller_kwargs(st: Setting, model_dir: str | None) -> dict[str, Any]:
+    kw = dict(st.kwargs)
+    if "tspd_file" in kw:
+        if model_dir is None:
+            raise ConfigError(f"{st.label} reads fitted TSPD parameters from the model folder; "
+                              f"pass model_dir.")
+        kw["tspd"] = os.path.join(model_dir, kw.pop("tspd_file"))
+    return kw
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     task: str
@@ -67,7 +91,8 @@ class Row:
 
 def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
              settings: Sequence[Setting], n: int = 100, gen_length: int = 32,
-             batch_size: int = 64, seed: int = 1234, log: Any = None) -> list[Row]:
+             batch_size: int = 64, seed: int = 1234, log: Any = None,
+             model_dir: str | None = None) -> list[Row]:
     """Decode `n` held-out instances of each task under each setting and score them.
 
     Args:
@@ -94,7 +119,7 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
                                   f"({st.label}); choose a gen_length that is.")
             gen = GenerateConfig(gen_length=gen_length, block_length=gen_length,
                                  steps=gen_length // st.steps_divisor, cache=st.cache)
-            ctrl = make_controller(st.controller, **dict(st.kwargs))
+            ctrl = make_controller(st.controller, **_controller_kwargs(st, model_dir))
             scores, nfes = [], []
             for i in range(0, len(insts), batch_size):
                 chunk = insts[i:i + batch_size]
@@ -152,6 +177,37 @@ def summary_by_dependency(rows: Sequence[Row]) -> str:
             v = [r.accuracy for r in sel if r.dependency == lv]
             accs.append(f"{statistics.fmean(v):.1f}" if v else "-")
         lines.append(f"| {s} | {statistics.fmean(r.nfe for r in sel):.1f} | " + " | ".join(accs) + " |")
+    return "\n".join(lines)
+
+
+def tspd_targets(rows: Sequence[Row], reference: str = "llada k=1",
+                 baseline: str = "threshold 0.9") -> str:
+    """For every TSPD + CE setting: mean accuracy and NFE against the threshold-0.9 baseline
+    (target: same mean accuracy with >= 30% fewer NFE) and the largest accuracy drop against
+    one token per step on a high-dependency task (target: <= 2 points)."""
+    def mean(setting: str, field: str, tasks: Sequence[str] | None = None) -> float:
+        v = [getattr(r, field) for r in rows if r.setting == setting
+             and (tasks is None or r.task in tasks)]
+        return statistics.fmean(v) if v else float("nan")
+
+    settings = [s for s in dict.fromkeys(r.setting for r in rows) if s.startswith("tspd")]
+    if not settings or baseline not in {r.setting for r in rows}:
+        return "(no TSPD or baseline rows)"
+    high = sorted({r.task for r in rows if r.dependency == "high"})
+    acc0, nfe0 = mean(baseline, "accuracy"), mean(baseline, "nfe")
+    lines = [f"Baseline {baseline}: mean accuracy {acc0:.1f}%, mean NFE {nfe0:.2f}.", "",
+             "| setting | mean accuracy % | mean NFE | NFE saved vs baseline | accuracy >= baseline | "
+             "worst high-dep. drop vs k=1 (points) | targets met |",
+             "|---|---|---|---|---|---|---|"]
+    for s in settings:
+        acc, nfe = mean(s, "accuracy"), mean(s, "nfe")
+        saved = 1.0 - nfe / nfe0
+        drops = [mean(reference, "accuracy", [t]) - mean(s, "accuracy", [t]) for t in high]
+        worst = max(drops) if drops else float("nan")
+        ok = acc >= acc0 - 1e-9 and saved >= 0.30 and worst <= 2.0
+        lines.append(f"| {s} | {acc:.1f} | {nfe:.2f} | {saved * 100:.1f}% | "
+                     f"{'yes' if acc >= acc0 - 1e-9 else 'no'} | {worst:.1f} | "
+                     f"{'yes' if ok else 'no'} |")
     return "\n".join(lines)
 
 
@@ -246,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise ConfigError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}.")
-    settings = default_settings()
+    settings = default_settings() + trajectory_settings()
     if args.settings is not None:
         wanted = [s.strip() for s in args.settings.split(",")]
         missing = [w for w in wanted if w not in {s.label for s in settings}]
@@ -259,9 +315,10 @@ def run(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_dir(model_dir)
     gen_length = args.gen_length or model_gen_length(model_dir)
     rows = evaluate(params, cfg, tok, names, settings, n=args.n, gen_length=gen_length,
-                    batch_size=args.batch_size, seed=args.seed, log=sys.stderr)
+                    batch_size=args.batch_size, seed=args.seed, log=sys.stderr,
+                    model_dir=model_dir)
     text = (f"### Per task\n\n{format_table(rows)}\n\n### Mean accuracy by dependency level\n\n"
-            f"{summary_by_dependency(rows)}\n")
+            f"{summary_by_dependency(rows)}\n\n### Issue 6 targets\n\n{tspd_targets(rows)}\n")
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
