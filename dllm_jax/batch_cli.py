@@ -45,35 +45,14 @@ import sys
 import time
 from typing import Any, Iterable
 
-from dllm_jax.generate_cli import DEFAULT_GEN_LENGTH, UsageError, _default_model_dir
+from dllm_jax.generate_cli import (UsageError, _default_model_dir, add_generation_options,
+                                   decode_settings)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUCKET = 16
 
 
 # ----------------------------------------------------------------------------- arguments
-def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """The decode options of `dllm-jax generate`, same names and defaults."""
-    p.add_argument("--chat", action="store_true",
-                   help="wrap text prompts in the tokenizer's chat template (instruct models)")
-    p.add_argument("--gen-length", type=int, default=None,
-                   help=f"answer tokens (default {DEFAULT_GEN_LENGTH})")
-    p.add_argument("--block-length", type=int, default=None,
-                   help="tokens per semi-autoregressive block (default: gen-length)")
-    p.add_argument("--steps", type=int, default=None, help="step budget (default: gen-length)")
-    p.add_argument("--controller", default="low_confidence",
-                   help="low_confidence | random | threshold | factor | maskgit_plus | "
-                        "topk_margin | entropy | origin")
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--factor", type=float, default=1.0)
-    p.add_argument("--alg-temp", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale")
-    p.add_argument("--cache", default="none", help="KV cache: none | prefix | dual")
-    p.add_argument("--refresh-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model folder from `dllm-jax convert` (default: the bundled model)")
@@ -255,11 +234,9 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from controllers import make_controller
     from dllm_jax import sharding as S
     from dllm_jax.checkpoint import load_config, load_model
     from dllm_jax.model import decode_layout
-    from dllm_jax.config import GenerateConfig
     from dllm_jax.decode import GenerateError, generate
     from dllm_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -280,16 +257,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = S.mesh_sizes(mesh)
     batch_size = bucket_length(args.batch_size, sizes["data"])
     bucket = math.lcm(args.bucket, sizes["seq"])
-    try:
-        gen_length = args.gen_length or DEFAULT_GEN_LENGTH
-        gen = GenerateConfig(
-            gen_length=gen_length, block_length=args.block_length or gen_length,
-            steps=args.steps or gen_length, temperature=args.temperature, cfg_scale=args.cfg,
-            cache=args.cache, refresh_every=args.refresh_every)
-        controller = make_controller(args.controller, threshold=args.threshold,
-                                     factor=args.factor, alg_temp=args.alg_temp)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    gen, controller = decode_settings(args, model_dir)
 
     out_path = output_path(args.output, pidx, pcount)
     items = read_input(args.input, pidx, pcount, warn)

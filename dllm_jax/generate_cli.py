@@ -47,13 +47,8 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", nargs="?", default=None, metavar="PROMPT",
-                   help="prompt text (same as --prompt)")
-    p.add_argument("--model", default=None,
-                   help="model folder from `dllm-jax convert` (default: the bundled model)")
-    p.add_argument("--prompt", default=None, help="prompt text")
-    p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The decode options shared by `dllm-jax generate` and `dllm-jax batch`."""
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--gen-length", type=int, default=None,
@@ -75,6 +70,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="none", help="KV cache: none | prefix | dual")
     p.add_argument("--refresh-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def decode_settings(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]:
+    """(GenerateConfig, controller) from the options of `add_generation_options`; bad values
+    raise UsageError with the reason."""
+    from controllers import make_controller
+    from dllm_jax.config import GenerateConfig
+
+    try:
+        gen_length = args.gen_length or DEFAULT_GEN_LENGTH
+        gen = GenerateConfig(
+            gen_length=gen_length, block_length=args.block_length or gen_length,
+            steps=args.steps or gen_length, temperature=args.temperature, cfg_scale=args.cfg,
+            cache=args.cache, refresh_every=args.refresh_every)
+        controller = make_controller(args.controller, threshold=args.threshold,
+                                     factor=args.factor, alg_temp=args.alg_temp, tau=args.tau,
+                                     model_dir=model_dir)
+    except ValueError as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(str(e)) from None
+    return gen, controller
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                   help="prompt text (same as --prompt)")
+    p.add_argument("--model", default=None,
+                   help="model folder from `dllm-jax convert` (default: the bundled model)")
+    p.add_argument("--prompt", default=None, help="prompt text")
+    p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
+    add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -82,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from controllers import make_controller
     from dllm_jax.checkpoint import load_model
-    from dllm_jax.config import GenerateConfig
     from dllm_jax.decode import GenerateError, generate
     from dllm_jax.model import decode_layout
     from dllm_jax.tokenizer import Tokenizer, TokenizerError
@@ -115,14 +140,7 @@ def run(args: argparse.Namespace) -> int:
             if args.chat:
                 text = tok.apply_chat_template([{"role": "user", "content": text}])
             ids = tok.encode(text)
-        gen_length = args.gen_length or DEFAULT_GEN_LENGTH
-        gen = GenerateConfig(
-            gen_length=gen_length, block_length=args.block_length or gen_length,
-            steps=args.steps or gen_length, temperature=args.temperature, cfg_scale=args.cfg,
-            cache=args.cache, refresh_every=args.refresh_every)
-        controller = make_controller(args.controller, threshold=args.threshold,
-                                     factor=args.factor, alg_temp=args.alg_temp, tau=args.tau,
-                                     model_dir=model_dir)
+        gen, controller = decode_settings(args, model_dir)
         out = generate(params, cfg, np.asarray([ids], np.int32), gen, controller,
                        key=jax.random.key(args.seed))
     except (ValueError, TokenizerError, GenerateError) as e:

@@ -25,8 +25,13 @@ def prompts() -> tuple[np.ndarray, np.ndarray]:
     return prompt, np.arange(5)[None, :] >= np.array([[0], [2], [4]])
 
 
-def check_decode_properties(ctrl: Any, kind: str = "peaked", gen: GenerateConfig = GEN) -> Any:
-    """Decode the three prompts and assert the properties; returns the output."""
+def check_decode_properties(ctrl: Any, kind: str = "peaked", gen: GenerateConfig = GEN,
+                            min_one: bool = True) -> Any:
+    """Decode the three prompts and assert the properties; returns the output.
+
+    min_one: also require >= 1 commit per unfinished row per step (Dream's time-grid orders
+    may commit nothing in a step, as the original does; their grid ends the block).
+    """
     prompt, valid = prompts()
     out = generate(PARAMS[kind], CFG, prompt, gen, ctrl, prompt_valid=valid)
     tokens, st = np.asarray(out.tokens), out.stats
@@ -48,7 +53,8 @@ def check_decode_properties(ctrl: Any, kind: str = "peaked", gen: GenerateConfig
             assert not tr["commit"][s + 1:steps][later, b, off].any()
     # >= 1 commit in every step of every row that still had a MASK in the active block.
     active = tr["masked"][:steps].any(-1)                                   # [S, B]
-    assert (tr["commit"][:steps].any(-1) | ~active).all()
+    if min_one:
+        assert (tr["commit"][:steps].any(-1) | ~active).all()
     np.testing.assert_array_equal(np.asarray(st.nfe), active.sum(0))
     return out
 

@@ -8,56 +8,22 @@ import numpy as np
 import pytest
 
 from controllers import CONTROLLER_NAMES, make_controller
-from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
+from controllers.baselines import DREAM_ALGS
+from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.decode import GenerateError, _generate_jit, generate
-from dllm_jax.model import init_params
-
-CFG = ModelConfig.tiny("llada", vocab_size=64, mask_token_id=63)
-# Large init -> peaked, varied logits; small -> flat logits with near-ties. Both must end.
-PARAMS = {"peaked": init_params(CFG, jax.random.key(0), std=0.6),
-          "flat": init_params(CFG, jax.random.key(1), std=0.002)}
-GEN = GenerateConfig(gen_length=16, block_length=8, steps=8, trace=True)
-
-
-def _prompts() -> tuple[np.ndarray, np.ndarray]:
-    prompt = np.array([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13], [0, 0, 0, 0, 14]], np.int32)
-    return prompt, np.arange(5)[None, :] >= np.array([[0], [2], [4]])
-
+from tests.controller_props import CFG, GEN, PARAMS, check_decode_properties, prompts
 
 @pytest.mark.parametrize("name", CONTROLLER_NAMES)
 @pytest.mark.parametrize("kind", ["peaked", "flat"])
 def test_controller_ends_and_never_rewrites(name: str, kind: str) -> None:
-    prompt, valid = _prompts()
-    out = generate(PARAMS[kind], CFG, prompt, GEN, make_controller(name), prompt_valid=valid)
-    tokens = np.asarray(out.tokens)
-    st = out.stats
-    steps = int(st.steps)
-    assert steps <= GEN.max_steps
-    assert not (tokens == CFG.mask_token_id).any(), "decode ended with MASKs left"
-    fix = np.asarray(st.fix_step)
-    assert (fix >= 0).all() and (fix < steps).all()
-    tr = {k: np.asarray(v) for k, v in st.trace.items()}
-    blocks = tr["block"][:steps]
-    for b in range(tokens.shape[0]):
-        for j in range(GEN.gen_length):
-            s = fix[b, j]
-            blk, off = divmod(j, GEN.block_length)
-            assert blocks[s] == blk
-            # The token is the candidate committed at its fix step ...
-            assert tr["commit"][s, b, off] and tr["candidate"][s, b, off] == tokens[b, j]
-            # ... and the position is never masked or committed again afterwards.
-            later = blocks[s + 1:steps] == blk
-            assert not tr["masked"][s + 1:steps][later, b, off].any()
-            assert not tr["commit"][s + 1:steps][later, b, off].any()
-    # NFE counts the steps in which a row still had a MASK in the active block.
-    active = (tr["masked"][:steps].any(-1))  # [S, B]
-    np.testing.assert_array_equal(np.asarray(st.nfe), active.sum(0))
+    """Ends within max steps, no MASK left, committed tokens never change, NFE = active steps."""
+    check_decode_properties(make_controller(name), kind, GEN, min_one=name not in DREAM_ALGS)
 
 
 @pytest.mark.parametrize("name", ["low_confidence", "threshold", "factor", "entropy"])
 def test_batch_equals_rows_alone(name: str) -> None:
     """Padding and other rows never change a row's answer."""
-    prompt, valid = _prompts()
+    prompt, valid = prompts()
     ctrl = make_controller(name, threshold=0.3)
     batch = generate(PARAMS["peaked"], CFG, prompt, GEN, ctrl, prompt_valid=valid)
     for b in range(prompt.shape[0]):
