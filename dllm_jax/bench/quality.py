@@ -248,6 +248,7 @@ def _atomic_savefig(fig: Any, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90, format="png")
+        os.chmod(tmp, 0o644)                 # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -259,6 +260,7 @@ def atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
