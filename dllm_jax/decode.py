@@ -30,7 +30,10 @@ from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_k
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
 from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Trajectory
 
-TRACE_FIELDS = ("candidate", "confidence", "entropy", "margin", "masked", "commit")
+# Per-step trace buffers `[S, B, Lb]` (GenerateConfig.trace): the Features fields + commits.
+TRACE_FIELDS: dict[str, Any] = {"candidate": jnp.int32, "confidence": jnp.float32,
+                                "entropy": jnp.float32, "margin": jnp.float32,
+                                "masked": jnp.bool_, "commit": jnp.bool_}
 
 
 @struct.dataclass
@@ -45,7 +48,7 @@ class GenerateError(ValueError):
     """Bad input to `generate`; the message names the problem and the fix."""
 
 
-def _validate(params: Any, model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
+def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
               gen_cfg: GenerateConfig, controller: Any) -> tuple[np.ndarray, np.ndarray]:
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
@@ -103,7 +106,7 @@ def generate(
     Returns:
       GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
     """
-    prompt, valid = _validate(params, model_cfg, prompt, prompt_valid, gen_cfg, controller)
+    prompt, valid = _validate(model_cfg, prompt, prompt_valid, gen_cfg, controller)
     if key is None:
         key = jax.random.key(0)
     if mesh is not None:
@@ -229,15 +232,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     trace = None
     if gen.trace:
         s = gen.max_steps
-        trace = {
-            "candidate": jnp.zeros((s, b, lb), jnp.int32),
-            "confidence": jnp.zeros((s, b, lb), jnp.float32),
-            "entropy": jnp.zeros((s, b, lb), jnp.float32),
-            "margin": jnp.zeros((s, b, lb), jnp.float32),
-            "masked": jnp.zeros((s, b, lb), bool),
-            "commit": jnp.zeros((s, b, lb), bool),
-            "block": jnp.full((s,), -1, jnp.int32),
-        }
+        trace = {name: jnp.zeros((s, b, lb), dtype) for name, dtype in TRACE_FIELDS.items()}
+        trace["block"] = jnp.full((s,), -1, jnp.int32)
     state = DecodeState(
         tokens=tokens0,
         traj=Trajectory.zeros(b, g),
@@ -290,11 +286,9 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                                  st.masked_at_block_start)
         tr = st.stats.trace
         if tr is not None:
-            rec = dict(candidate=feats.candidate, confidence=feats.confidence,
-                       entropy=feats.entropy, margin=feats.margin, masked=feats.masked,
-                       commit=commit)
-            tr = {k: v.at[step].set(rec[k]) if k != "block" else v.at[step].set(st.block)
-                  for k, v in tr.items()}
+            rec = {name: getattr(feats, name) for name in TRACE_FIELDS if name != "commit"}
+            rec.update(commit=commit, block=st.block)
+            tr = {k: v.at[step].set(rec[k]) for k, v in tr.items()}
         stats = DecodeStats(nfe=st.stats.nfe + active.astype(jnp.int32),
                             steps=step + 1, fix_step=fix_step, trace=tr)
         return S.constrain_state(DecodeState(
