@@ -76,10 +76,12 @@ import torch.nn.functional as F
 
 try:  # tests/ as a package or as pytest's rootdir-inserted path
     from tests.reference_decoders import (fastdllm_factor_transfer, fastdllm_threshold_transfer,
+                                          llada_canvas,
                                           llada_num_transfer_tokens, softmax, topk_indices)
     from tests.torch_llada import TorchLLaDA, _rotate_half, rope_sin_cos
 except ImportError:  # pragma: no cover
     from reference_decoders import (fastdllm_factor_transfer, fastdllm_threshold_transfer,
+                                    llada_canvas,
                                     llada_num_transfer_tokens, softmax, topk_indices)
     from torch_llada import TorchLLaDA, _rotate_half, rope_sin_cos
 
@@ -200,14 +202,9 @@ def fastdllm_generate_cached(
     """
     if mode not in ("prefix", "dual"):
         raise ValueError(f"mode must be 'prefix' or 'dual', got {mode!r}")
-    prompt = np.asarray(prompt, dtype=np.int64)
-    b, p = prompt.shape
-    x = np.full((b, p + gen_length), mask_id, dtype=np.int64)
-    x[:, :p] = prompt
-    assert gen_length % block_length == 0
+    x, steps_per_block = llada_canvas(prompt, gen_length, block_length, steps, mask_id)
+    b, p = np.shape(prompt)
     num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps_per_block = steps // num_blocks
     fixed = threshold is None and factor is None
 
     nfe = 0

@@ -130,6 +130,21 @@ def llada_num_transfer_tokens(block_mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+def llada_canvas(prompt: np.ndarray, gen_length: int, block_length: int, steps: int,
+                 mask_id: int) -> tuple[np.ndarray, int]:
+    """LLaDA's starting canvas ``[prompt | MASK * gen_length]`` (int64 ``[B, P + G]``) and its
+    steps per block, with the originals' assertions (G a multiple of the block length, steps a
+    multiple of the number of blocks)."""
+    prompt = np.asarray(prompt, dtype=np.int64)
+    b, p = prompt.shape
+    x = np.full((b, p + gen_length), mask_id, dtype=np.int64)
+    x[:, :p] = prompt
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    return x, steps // num_blocks
+
+
 # ----------------------------------------------------------------------------- LLaDA
 
 
@@ -192,19 +207,13 @@ def llada_generate(
         ``(answer [B, gen_length] int64, nfe)``.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
-    prompt = np.asarray(prompt, dtype=np.int64)
-    b, p = prompt.shape
-    x = np.full((b, p + gen_length), mask_id, dtype=np.int64)
-    x[:, :p] = prompt
+    x, steps_per_block = llada_canvas(prompt, gen_length, block_length, steps, mask_id)
+    b, p = np.shape(prompt)
+    num_blocks = gen_length // block_length
     attn = None
     if attention_mask is not None:
         attn = np.concatenate([np.asarray(attention_mask).astype(bool), np.ones((b, gen_length), bool)], axis=1)
     prompt_index = x != mask_id
-
-    assert gen_length % block_length == 0
-    num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps_per_block = steps // num_blocks
 
     nfe = 0
     for blk in range(num_blocks):
@@ -355,15 +364,9 @@ def fastdllm_generate(
         ``(answer [B, gen_length] int64, nfe)``.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
-    prompt = np.asarray(prompt, dtype=np.int64)
-    b, p = prompt.shape
-    x = np.full((b, p + gen_length), mask_id, dtype=np.int64)
-    x[:, :p] = prompt
-
-    assert gen_length % block_length == 0
+    x, steps_per_block = llada_canvas(prompt, gen_length, block_length, steps, mask_id)
+    b, p = np.shape(prompt)
     num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps_per_block = steps // num_blocks
 
     nfe = 0
     for blk in range(num_blocks):
