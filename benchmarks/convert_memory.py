@@ -137,7 +137,7 @@ def du(path: Path) -> int:
 
 
 def params_bytes(model: dict, itemsize: int = 2) -> int:
-    """Bytes of the converted LLaDA params (layout of dllm_jax.model) from our config dict."""
+    """Bytes of the converted LLaDA params (layout of dllm_jax.models) from our config dict."""
     L, D, V, F = model["num_layers"], model["hidden_size"], model["vocab_size"], model["intermediate_size"]
     q, kv = model["num_heads"] * model["head_dim"], model["num_kv_heads"] * model["head_dim"]
     per_layer = 2 * D + D * q + 2 * D * kv + q * D + 3 * D * F

@@ -22,7 +22,7 @@ import numpy as np
 from controllers import make_controller
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
-from dllm_jax.model import apply, init_params
+from dllm_jax.models import apply, init_params
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -95,7 +95,7 @@ def _random_params(cfg: Any, dtype: Any, mesh: Any) -> Any:
     import jax.numpy as jnp
 
     from dllm_jax import sharding as S
-    from dllm_jax.model import param_shapes
+    from dllm_jax.models import param_shapes
 
     shapes = param_shapes(cfg, dtype)
     if mesh is None:

@@ -11,7 +11,7 @@ Sections (each printed as it finishes, all written as JSON lines to OUT/speed.js
   parity    the PyTorch reference's logits vs ours on the same weights and tokens; cached
             steps on a fresh cache vs the full forward.
   layout    the cached (dual) and full forward at B1 P256 G256 with per-layer weights
-            (`model.unstack_layers`, unrolled layer loop) and with fused q/k/v and gate/up
+            (`models.unstack_layers`, unrolled layer loop) and with fused q/k/v and gate/up
             weights; the faster is used below. `--scan` adds the stacked `lax.scan` layout
             (the path before this benchmark). Profile of each: top GPU ops by time, and the
             big non-matmul buffers of the optimized HLO.
@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from controllers import make_controller  # noqa: E402
 from dllm_jax import decode as D  # noqa: E402
-from dllm_jax import model as M  # noqa: E402
+from dllm_jax import models as M  # noqa: E402
 from dllm_jax.cache import KVCache, usable_cache_keys  # noqa: E402
 from dllm_jax.config import GenerateConfig, ModelConfig  # noqa: E402
 
@@ -119,7 +119,7 @@ def _normal(k: jax.Array, shape: tuple, dtype: Any, std: float) -> jax.Array:
 
 
 def make_params(cfg: ModelConfig, key: jax.Array, dtype: Any) -> dict:
-    """Per-layer params (see `model.unstack_layers`) made on the default device."""
+    """Per-layer params (see `models.unstack_layers`) made on the default device."""
     D_, F_, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     keys = iter(jax.random.split(key, 8 * cfg.num_layers + 4))
     rnd = lambda *shape: _normal(next(keys), shape, dtype, 0.02)  # noqa: E731

@@ -21,14 +21,13 @@ from typing import Any, Callable
 import numpy as np
 
 from checkpoints_convert import hf
-from checkpoints_convert.keymap import KeyMap, Placement, plan
-from checkpoints_convert.llada import KEYMAP as LLADA
-from checkpoints_convert.qwen import DREAM, SDAR
+from checkpoints_convert.keymap import KeyMap, Placement, keymap_for, plan
+from dllm_jax.models import FAMILIES
 from dllm_jax.checkpoint import CheckpointError, check_destination, numpy_dtype, save_model
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import Params, param_shapes
+from dllm_jax.models import Params, param_shapes
 
-KEYMAPS: dict[str, KeyMap] = {"llada": LLADA, "dream": DREAM, "sdar": SDAR}
+KEYMAPS: dict[str, KeyMap] = {arch: keymap_for(fam) for arch, fam in FAMILIES.items()}
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 
 

@@ -1,6 +1,8 @@
 """Declarative key maps: Hugging Face tensor names -> dllm_jax param paths, with transform chains.
 
-A key map is a table of `Rule`s, one per HF tensor name pattern:
+The key map of a model family is made from its params table (`dllm_jax.models`, each
+`Weight` names its Hugging Face tensor) by `keymap_for`. A key map is a table of `Rule`s,
+one per HF tensor name pattern:
 
     Rule("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", ("transpose",), when="...")
 
@@ -30,7 +32,8 @@ import numpy as np
 from checkpoints_convert.hf import TensorInfo
 from dllm_jax.checkpoint import CheckpointError
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import param_shapes
+from dllm_jax.models import Family, param_shapes
+from dllm_jax.models.params import condition_holds
 
 Index = tuple[slice, ...]
 
@@ -84,11 +87,7 @@ class Rule:
         return self.hf.replace("{i}", str(layer)) if self.per_layer else self.hf
 
     def applies(self, cfg: ModelConfig) -> bool:
-        if self.when is None:
-            return True
-        negate = self.when.startswith("!")
-        value = bool(getattr(cfg, self.when.lstrip("!")))
-        return value != negate
+        return condition_holds(self.when, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +97,16 @@ class KeyMap:
     arch: str
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
+
+
+def keymap_for(family: Family) -> KeyMap:
+    """The key map of a model family, read off its params table: one rule per converted
+    weight (PyTorch `[out, in]` Linear weights transposed), plus the family's skipped
+    tensors and ignored buffers."""
+    rules = [Rule(w.hf, w.path, ("transpose",) if w.transposed else (), when=w.when)
+             for w in family.weights if w.hf is not None]
+    rules += [Rule(hf, None, when=when) for hf, when in family.hf_skip]
+    return KeyMap(arch=family.arch, rules=tuple(rules), ignore=family.hf_ignore)
 
 
 @dataclasses.dataclass(frozen=True)

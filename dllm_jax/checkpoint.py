@@ -6,7 +6,7 @@ Layout of a checkpoint folder (what `save_model` writes and `dllm-jax convert` p
       dllm_config.json   {"format": "dllm-jax-checkpoint", "version": 1,
                           "param_dtype": "bfloat16", "model": ModelConfig.to_dict()}
       params/            orbax PyTree checkpoint of the params pytree laid out as in
-                         `dllm_jax.model` (nested dict, layers stacked on a leading [L] axis)
+                         `dllm_jax.models` (nested dict, layers stacked on a leading [L] axis)
       config.json, tokenizer.json, ...   extra files copied verbatim (the converter copies the
                          original Hugging Face config and tokenizer files here)
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax.config import ConfigError, ModelConfig
-from dllm_jax.model import Params, param_shapes
+from dllm_jax.models import Params, param_shapes
 
 FORMAT = "dllm-jax-checkpoint"
 VERSION = 1

@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from dllm_jax import features as F
-from dllm_jax import model as M
+from dllm_jax import models as M
 from dllm_jax import sharding as S
 from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
@@ -72,10 +72,10 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
             f"prompt ({prompt.shape[1]}) + answer ({gen_cfg.gen_length}) = {total} tokens exceeds "
             f"the model's maximum length {model_cfg.max_position}; shorten the prompt or "
             f"--gen-length.")
-    if not (hasattr(controller, "decide") and hasattr(controller, "init")):
+    if not all(hasattr(controller, a) for a in ("init", "decide", "sampler", "trajectory_filter")):
         raise GenerateError(
-            f"{type(controller).__name__} is not a controller (needs init and decide); build one "
-            f"with controllers.make_controller(name).")
+            f"{type(controller).__name__} is not a controller (needs init, decide, sampler and "
+            f"trajectory_filter); build one with controllers.make_controller(name).")
     return prompt.astype(np.int32), valid
 
 
@@ -102,7 +102,8 @@ def generate(
       key: PRNG key for sampling and random controllers (default key 0).
       mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (e.g. "data=2,model=2,seq=2"):
         params, prompt, loop carry and KV cache are laid out by the rules in `sharding.py`
-        and attention runs sequence-parallel when seq > 1. None: one device (unchanged).
+        and the model's attention runs sequence-parallel when seq > 1 (the mesh is passed
+        down explicitly). None: one device (unchanged).
     Returns:
       GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
     """
@@ -111,8 +112,7 @@ def generate(
         key = jax.random.key(0)
     if mesh is not None:
         args = S.place_generate_inputs(mesh, params, prompt, valid, key, controller)
-        with S.activate(mesh):
-            return _generate_jit(*args, model_cfg=model_cfg, gen_cfg=gen_cfg, mesh=mesh)
+        return _generate_jit(*args, model_cfg=model_cfg, gen_cfg=gen_cfg, mesh=mesh)
     return _generate_jit(params, jnp.asarray(prompt), jnp.asarray(valid), key, controller,
                          model_cfg=model_cfg, gen_cfg=gen_cfg)
 
@@ -137,7 +137,7 @@ def _model_batch(cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array, posit
 
 
 def _cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
-                   cache: KVCache, start: jax.Array) -> jax.Array:
+                   cache: KVCache, start: jax.Array, mesh: Any) -> jax.Array:
     """Logits of the block at `start` from a cached step: only the region is recomputed."""
     shift = 1 if cfg.logits_shift else 0
     r = region_length(gen.cache, gen.gen_length, gen.block_length, shift)
@@ -157,11 +157,11 @@ def _cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Seq
     qloc = jnp.broadcast_to(shift + jnp.arange(gen.block_length, dtype=jnp.int32),
                             (b2, gen.block_length))
     return M.apply_cached(params, cfg, cache, cut(tokens), cut(positions), cut(valid),
-                          seq.positions, usable, qloc, attn_impl=gen.attn_impl)
+                          seq.positions, usable, qloc, attn_impl=gen.attn_impl, mesh=mesh)
 
 
 def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
-                  cache: KVCache | None, start: jax.Array, block_step: jax.Array
+                  cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any
                   ) -> tuple[jax.Array, KVCache | None]:
     """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`.
 
@@ -173,14 +173,14 @@ def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequ
                             (b2, gen.block_length))
     if cache is None:
         logits = M.apply(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                         attn_impl=gen.attn_impl)
+                         attn_impl=gen.attn_impl, mesh=mesh)
     else:
         def refresh(c: KVCache) -> tuple[jax.Array, KVCache]:
             return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                                   attn_impl=gen.attn_impl)
+                                   attn_impl=gen.attn_impl, mesh=mesh)
 
         def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
-            return _cached_logits(params, cfg, gen, seq, c, start), c
+            return _cached_logits(params, cfg, gen, seq, c, start, mesh), c
 
         logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
                                      refresh, cached, cache)
@@ -223,8 +223,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     prompt_region = jnp.concatenate([prompt_valid, jnp.zeros((b, g), bool)], axis=1)
     positions = M.default_positions(valid)
     # A controller that reads the CE filter state declares its (static) settings as
-    # `trajectory_filter`; others leave the filter fields untouched (no cost).
-    ce_filter = getattr(controller, "trajectory_filter", None)
+    # `trajectory_filter`; the others declare None and the filter fields stay untouched.
+    ce_filter = controller.trajectory_filter
     low_conf_ids: tuple[int, ...] = ()
     if gen.confidence_eos_eot_inf:
         low_conf_ids = tuple(i for i in (cfg.eos_token_id, cfg.eot_token_id) if i >= 0)
@@ -260,7 +260,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         block_tokens = jax.lax.dynamic_slice_in_dim(st.tokens, p + a0, lb, axis=1)
         active = jnp.any(block_tokens == mask_id, axis=1)
         seq = _model_batch(cfg, gen, st.tokens, positions, valid, prompt_region)
-        logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, st.block_step)
+        logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, st.block_step,
+                                      mesh)
         feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
                           controller.sampler, low_conf_ids)
         win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta, ce_filter)

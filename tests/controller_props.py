@@ -12,7 +12,7 @@ import numpy as np
 
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import _generate_jit, generate
-from dllm_jax.model import init_params
+from dllm_jax.models import init_params
 
 CFG = ModelConfig.tiny("llada", vocab_size=64, mask_token_id=63)
 PARAMS = {"peaked": init_params(CFG, jax.random.key(0), std=0.6),

@@ -39,10 +39,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from controllers import CONTROLLER_NAMES, make_controller  # noqa: E402
-from dllm_jax import model as M  # noqa: E402
+from controllers import CONTROLLER_NAMES, applicable_options, make_controller  # noqa: E402
+from dllm_jax import models as M  # noqa: E402
 from dllm_jax import sharding as S  # noqa: E402
-from dllm_jax.attention import _xla_attention, attention_mask  # noqa: E402
+from dllm_jax.attention import attention_mask, dot_product_attention, xla_attention  # noqa: E402
+from dllm_jax.attention.ring import seq_parallel_attention  # noqa: E402
 from dllm_jax.config import GenerateConfig, ModelConfig  # noqa: E402
 from dllm_jax.decode import generate  # noqa: E402
 
@@ -79,19 +80,21 @@ def check_attention(mesh: jax.sharding.Mesh) -> dict[str, float]:
         out = {}
         for name, bs in (("bidirectional", 0), ("block_causal", 4)):
             mask = attention_mask(pos, pos, valid, bs)
-            ref = _xla_attention(q, k, v, mask)
+            ref = xla_attention(q, k, v, mask)
             for strategy in ("ring", "gather", "reduce"):
-                got = S.seq_parallel_attention(q, k, v, mask, mesh, strategy)
+                got = seq_parallel_attention(q, k, v, mask, mesh, strategy)
                 out[f"{name}/{strategy}"] = jnp.max(jnp.abs(got - ref))
-            got = S.seq_parallel_attention(q, k, v, mask, mesh, "ring", q_chunk=1)
+            got = seq_parallel_attention(q, k, v, mask, mesh, "ring", q_chunk=1)
             out[f"{name}/ring_q_chunked"] = jnp.max(jnp.abs(got - ref))
             # cached-step form: a short query region against cache ++ region keys
             m1 = attention_mask(pos[:, -r:], pos, valid, bs)
             m2 = attention_mask(pos[:, -r:], pos[:, -r:], valid[:, -r:], bs)
-            ref2 = _xla_attention(q[:, -r:], jnp.concatenate([k, k[:, -r:]], 1),
+            ref2 = xla_attention(q[:, -r:], jnp.concatenate([k, k[:, -r:]], 1),
                                   jnp.concatenate([v, v[:, -r:]], 1), jnp.concatenate([m1, m2], 2))
-            got2 = S.seq_parallel_attention_two(q[:, -r:], k, v, m1, k[:, -r:], v[:, -r:], m2, mesh)
-            out[f"{name}/two_set_reduce"] = jnp.max(jnp.abs(got2 - ref2))
+            got2 = dot_product_attention(q[:, -r:], jnp.concatenate([k, k[:, -r:]], 1),
+                                         jnp.concatenate([v, v[:, -r:]], 1),
+                                         jnp.concatenate([m1, m2], 2), "xla", mesh)
+            out[f"{name}/cached_step_reduce"] = jnp.max(jnp.abs(got2 - ref2))
         return out
 
     res = jax.jit(run)(q, k, v, valid, pos)
@@ -112,10 +115,9 @@ def check_cache(mesh: jax.sharding.Mesh, cfg: ModelConfig, params: dict) -> dict
     def prefill(p, t):
         pos = jnp.broadcast_to(jnp.arange(t.shape[1], dtype=jnp.int32), t.shape)
         return M.apply_refresh(p, cfg, t, pos, jnp.ones(t.shape, bool), pos[:, :8],
-                               attn_impl="xla")[1]
+                               attn_impl="xla", mesh=mesh)[1]
 
-    with S.activate(mesh):
-        cache = jax.jit(prefill)(p, t)
+    cache = jax.jit(prefill)(p, t)
     return {"prefill_k": _spec(cache.k.sharding), "prefill_v": _spec(cache.v.sharding),
             "shape": list(cache.k.shape)}
 
@@ -157,7 +159,7 @@ def main() -> None:
             else "llada"
         cfg, prm = cfgs[arch], params[arch]
         gen = GenerateConfig(gen_length=16, block_length=8, steps=8, cache=cache)
-        ctrl = make_controller(ctrl_name, threshold=0.5)
+        ctrl = make_controller(ctrl_name, **applicable_options(ctrl_name, threshold=0.5))
         rk = (arch, ctrl_name, cache)
         if rk not in refs:
             refs[rk] = generate(prm, cfg, prompt, gen, ctrl, prompt_valid=valid,

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from controllers import CONTROLLER_NAMES, make_controller
+from controllers import CONTROLLER_NAMES, applicable_options, make_controller
 from dllm_jax.cache import region_length, usable_cache_keys
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
-from dllm_jax.model import apply, apply_cached, apply_refresh, default_positions, init_params
+from dllm_jax.models import apply, apply_cached, apply_refresh, default_positions, init_params
 
 CFGS = {
     "llada": ModelConfig.tiny("llada", vocab_size=64, mask_token_id=63),
@@ -59,7 +59,7 @@ def test_cached_forward_equals_full_on_fresh_cache(arch: str, mode: str) -> None
 @pytest.mark.parametrize("name", CONTROLLER_NAMES)
 def test_refresh_every_step_equals_uncached(name: str) -> None:
     cfg, params = CFGS["llada"], PARAMS["llada"]
-    ctrl = make_controller(name, threshold=0.5)
+    ctrl = make_controller(name, **applicable_options(name, threshold=0.5))
     base = GenerateConfig(gen_length=16, block_length=8, steps=8)
     want = generate(params, cfg, PROMPT, base, ctrl, prompt_valid=VALID)
     for mode in ("prefix", "dual"):
@@ -74,7 +74,7 @@ def test_refresh_every_step_equals_uncached(name: str) -> None:
 def test_block_causal_cache_is_exact(mode: str, name: str) -> None:
     """SDAR: decode blocks aligned with the model's blocks make the per-block cache exact."""
     cfg, params = CFGS["sdar"], PARAMS["sdar"]
-    ctrl = make_controller(name, threshold=0.5)
+    ctrl = make_controller(name, **applicable_options(name, threshold=0.5))
     prompt = PROMPT[1:]                          # 8 tokens: two model blocks of 4
     base = GenerateConfig(gen_length=16, block_length=4, steps=16)
     want = generate(params, cfg, prompt, base, ctrl)

@@ -21,7 +21,7 @@ import torch
 from controllers import make_controller
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
-from dllm_jax.model import apply, default_positions
+from dllm_jax.models import apply, default_positions
 
 try:  # tests/ as a package or as pytest's rootdir-inserted path
     from tests import reference_decoders as ref

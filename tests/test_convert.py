@@ -29,7 +29,7 @@ from dllm_jax import checkpoint as ckpt
 from dllm_jax import cli
 from dllm_jax.checkpoint import CheckpointError, load_model, save_model
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import init_params, param_shapes
+from dllm_jax.models import init_params, param_shapes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_checkpoints import hf_config, random_state_dict, write_hf_checkpoint  # noqa: E402

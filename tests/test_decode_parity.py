@@ -12,7 +12,7 @@ import pytest
 from controllers import make_controller
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
-from dllm_jax.model import apply, init_params
+from dllm_jax.models import apply, init_params
 from tests import reference_decoders as ref
 
 LLADA = ModelConfig.tiny("llada", vocab_size=96, mask_token_id=95, eos_token_id=2,

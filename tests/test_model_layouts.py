@@ -1,4 +1,4 @@
-"""Per-layer (unrolled) and fused params layouts (`model.unstack_layers`) compute the same
+"""Per-layer (unrolled) and fused params layouts (`models.unstack_layers`) compute the same
 function as the stacked `lax.scan` layout, and round-trip through `stack_layers`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from controllers import make_controller
-from dllm_jax import model as M
+from dllm_jax import models as M
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
 

@@ -1,4 +1,4 @@
-"""The JAX forward (`dllm_jax.model.apply`) against independent PyTorch references, float32.
+"""The JAX forward (`dllm_jax.models.apply`) against independent PyTorch references, float32.
 
 References:
   LLaDA  `tests/torch_llada.py` (our own minimal re-implementation of the published
@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 
-from dllm_jax import model as M
+from dllm_jax import models as M
 from dllm_jax.config import ConfigError, ModelConfig
 try:  # tests/ as a package or as pytest's rootdir-inserted path
     from tests.torch_llada import TorchLLaDA, TorchLLaDAConfig, randomize_parameters

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from dllm_jax import sharding as S
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import init_params, param_shapes
+from dllm_jax.models import init_params, param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_every_param_has_logical_axes(arch: str) -> None:
 def test_per_layer_params_and_missing_rule() -> None:
     cfg = ModelConfig.tiny("llada")
     stacked = init_params(cfg, jax.random.key(0))
-    # the per-layer layout (layers as a list of dicts, as model.unstack_layers makes it)
+    # the per-layer layout (layers as a list of dicts, as models.unstack_layers makes it)
     params = dict(stacked, layers=[{k: v[i] for k, v in stacked["layers"].items()}
                                    for i in range(cfg.num_layers)])
     axes = S.param_axes(params)
@@ -144,7 +144,7 @@ def test_ring_attention_equals_full_attention(summary: dict) -> None:
     assert set(att) == {"2,2,2", "1,1,8", "1,4,2"}
     for mesh, checks in att.items():
         for mask in ("bidirectional", "block_causal"):
-            for kind in ("ring", "gather", "reduce", "ring_q_chunked", "two_set_reduce"):
+            for kind in ("ring", "gather", "reduce", "ring_q_chunked", "cached_step_reduce"):
                 err = checks[f"{mask}/{kind}"]
                 assert err <= 1e-5, f"{mesh} {mask} {kind}: {err}"
 
