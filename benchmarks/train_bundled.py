@@ -48,9 +48,9 @@ def main() -> int:
     import jax
     import numpy as np
 
-    from dllm_jax import model as M
     from dllm_jax.checkpoint import load_model
     from dllm_jax.config import ModelConfig
+    from dllm_jax.models import param_shapes
     from dllm_jax.train import (TRAIN_CONFIG_FILE, StepSpec, TrainConfig, build_pool,
                                 bundled_model_config, evaluate, format_results, init_state,
                                 load_pool, save_pool, save_trained_model, tiny_model_config, train,
@@ -64,7 +64,7 @@ def main() -> int:
                       compute_dtype=args.compute_dtype)
     make = tiny_model_config if args.tiny else bundled_model_config
     model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length)
-    n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(M.param_shapes(model_cfg)))
+    n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(model_cfg)))
     print(f"model {n_params} params: {model_cfg}", flush=True)
 
     if args.save_pool:  # build the pool here (CPU) so that the device does not spend time on it
@@ -116,7 +116,7 @@ def main() -> int:
         print(f"stopped early at step {res.step}/{cfg.steps}", flush=True)
         save_trained_model(model_dir, cfg, model_cfg, res.params, overwrite=True,
                            extra={"steps_done": res.step, "stopped_early": True})
-    from dllm_jax.train import _train_chunk
+    from dllm_jax.train.step import _train_chunk
     print(f"compiled chunk variants: {_train_chunk._cache_size()}", flush=True)
     print(f"trained {res.step} steps in {res.seconds:.1f} s; loss first/last 100: "
           f"{res.losses[:100].mean():.4f} / {res.losses[-100:].mean():.4f}", flush=True)

@@ -60,7 +60,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def add_train_controller(subparsers: argparse._SubParsersAction) -> None:
     """`dllm-jax train-controller --model DIR`: fit the TSPD controller for a model."""
-    from controllers.fit import add_arguments, run
+    from dllm_jax.train.controller_fit_cli import add_arguments, run
 
     p = subparsers.add_parser(
         "train-controller", help="fit the TSPD decoding controller on a model's trajectories",
@@ -88,7 +88,7 @@ def add_batch(subparsers: argparse._SubParsersAction) -> None:
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
     """`dllm-jax train --out DIR`: masked-diffusion training of a small model on the tasks."""
-    from dllm_jax.train import add_arguments, run
+    from dllm_jax.train.cli import add_arguments, run
 
     p = subparsers.add_parser(
         "train", help="train a small diffusion LM on the dependency tasks",

@@ -11,7 +11,7 @@ from dllm_jax.bench.quality import Setting, evaluate, format_table, plot, summar
 from dllm_jax.checkpoint import save_model
 from dllm_jax.cli import main
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import init_params
+from dllm_jax.models import init_params
 from dllm_jax.tasks.vocab import build_task_tokenizer
 
 

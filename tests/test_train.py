@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax import model as M
+from dllm_jax import models as M
 from dllm_jax.checkpoint import load_model
 from dllm_jax.tasks import split_of
 from dllm_jax.tasks.vocab import EOS_ID, MASK_ID, PAD_ID, build_backend

@@ -15,7 +15,7 @@ import pytest
 from controllers import TSPD, TSPDParams, make_controller
 from controllers.base import at_least_one
 from controllers.ce import py_logit
-from controllers.fit import fit_tspd, record, replay_features
+from dllm_jax.train.controller_fit import fit_tspd, record, replay_features
 from controllers.tspd import (FEATURES, TSPDError, distance_to_committed, feature_names,
                               load_tspd, read_tspd, save_tspd)
 from dllm_jax.config import GenerateConfig
@@ -185,7 +185,7 @@ def test_train_controller_cli(tmp_path) -> None:
     from dllm_jax.checkpoint import save_model
     from dllm_jax.cli import main
     from dllm_jax.config import ModelConfig
-    from dllm_jax.model import init_params
+    from dllm_jax.models import init_params
     from dllm_jax.tasks.vocab import EOS_ID, MASK_ID, PAD_ID, build_task_tokenizer, task_vocabulary
 
     tok_dir = tmp_path / "tok"

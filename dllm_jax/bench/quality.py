@@ -20,8 +20,6 @@ import sys
 import tempfile
 from typing import Any, Iterable, Sequence
 
-import numpy as np
-
 from dllm_jax.config import ConfigError
 
 
@@ -93,24 +91,26 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
              settings: Sequence[Setting], n: int = 100, gen_length: int = 32,
              batch_size: int = 64, seed: int = 1234, log: Any = None,
              model_dir: str | None = None) -> list[Row]:
-    """Decode `n` held-out instances of each task under each setting and score them.
+    """Decode `n` held-out instances of each task under each setting and score them
+    (`scoring.decode_and_score`).
 
     Args:
       params, cfg: the model. tokenizer: `dllm_jax.tokenizer.Tokenizer` of the model.
       gen_length: answer length (must be what the model was trained with; answers are
         padded with EOS up to it). Must be divisible by every setting's steps_divisor.
+      batch_size: rows per decode call.
+      model_dir: the model folder (where TSPD settings read their fitted parameters).
     Returns: one Row per (task, setting).
     """
     from controllers import make_controller
     from dllm_jax.config import GenerateConfig
-    from dllm_jax.decode import generate
+    from dllm_jax.scoring import decode_and_score, prompt_width, summarize
     from dllm_jax.tasks import get_task
-    from dllm_jax.tasks.vocab import decode_answer
 
     rows: list[Row] = []
     instances = {name: get_task(name).generate(seed, n, split="test") for name in task_names}
     # One prompt width for every task, so that each setting compiles once.
-    width = max(len(tokenizer.encode(x.prompt)) for insts in instances.values() for x in insts)
+    width = max(prompt_width(tokenizer, insts) for insts in instances.values())
     for name in task_names:
         task, insts = get_task(name), instances[name]
         for st in settings:
@@ -120,38 +120,18 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
             gen = GenerateConfig(gen_length=gen_length, block_length=gen_length,
                                  steps=gen_length // st.steps_divisor, cache=st.cache)
             ctrl = make_controller(st.controller, **_controller_kwargs(st, model_dir))
-            scores, nfes = [], []
-            for i in range(0, len(insts), batch_size):
-                chunk = insts[i:i + batch_size]
-                ids, valid = _left_pad(*tokenizer.batch_encode([x.prompt for x in chunk]),
-                                       width, tokenizer.pad_id)
-                out = generate(params, cfg, ids, gen, ctrl, prompt_valid=valid)
-                toks = np.asarray(out.tokens)
-                nfes += [int(v) for v in np.asarray(out.stats.nfe)]
-                for inst, row in zip(chunk, toks):
-                    scores.append(task.score(inst, decode_answer(tokenizer, row)))
-            mean_nfe = statistics.fmean(nfes)
+            scored = decode_and_score(params, cfg, tokenizer, task, insts, gen, ctrl,
+                                      batch_size=batch_size, width=width)
+            m = summarize(scored)
             rows.append(Row(task=name, dependency=task.dependency, setting=st.label,
-                            family=st.family, n=len(scores),
-                            accuracy=100.0 * statistics.fmean(s.valid for s in scores),
-                            exact=100.0 * statistics.fmean(s.exact for s in scores),
-                            partial=statistics.fmean(s.partial for s in scores),
-                            nfe=mean_nfe, tokens_per_forward=gen_length / mean_nfe))
+                            family=st.family, n=m["n"], accuracy=100.0 * m["valid"],
+                            exact=100.0 * m["exact"], partial=m["partial"], nfe=m["nfe"],
+                            tokens_per_forward=gen_length / m["nfe"]))
             if log is not None:
                 r = rows[-1]
                 print(f"  {name:18s} {st.label:22s} acc {r.accuracy:5.1f}%  nfe {r.nfe:5.1f}",
                       file=log, flush=True)
     return rows
-
-
-def _left_pad(ids: np.ndarray, valid: np.ndarray, width: int, pad_id: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad `[B, P]` prompt ids and their key mask to `[B, width]`."""
-    extra = width - ids.shape[1]
-    if extra <= 0:
-        return ids, valid
-    return (np.concatenate([np.full((ids.shape[0], extra), pad_id, ids.dtype), ids], axis=1),
-            np.concatenate([np.zeros((ids.shape[0], extra), bool), valid], axis=1))
 
 
 def format_table(rows: Iterable[Row]) -> str:
@@ -278,28 +258,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here")
 
 
-def model_gen_length(model_dir: str, default: int = 32) -> int:
-    """The answer length a task model was trained with (train_config.json of `dllm-jax
-    train`), else `default`."""
-    import json
-
-    path = os.path.join(model_dir, "train_config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["train"]["answer_length"])
-    return default
-
-
 def run(args: argparse.Namespace) -> int:
-    from dllm_jax.checkpoint import load_model
+    from dllm_jax import session
+    from dllm_jax.scoring import DEFAULT_ANSWER_LENGTH
     from dllm_jax.tasks import TASKS
-    from dllm_jax.tokenizer import Tokenizer
 
-    if args.model is None:
-        from dllm_jax.generate_cli import _default_model_dir
-        model_dir = _default_model_dir()
-    else:
-        model_dir = args.model
+    model_dir = session.resolve_model_dir(args.model)   # fail fast, before any work
     names = list(TASKS) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:
@@ -313,12 +277,11 @@ def run(args: argparse.Namespace) -> int:
         settings = [s for s in settings if s.label in wanted]
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}.")
-    cfg, params = load_model(model_dir)
-    tok = Tokenizer.from_dir(model_dir)
-    gen_length = args.gen_length or model_gen_length(model_dir)
-    rows = evaluate(params, cfg, tok, names, settings, n=args.n, gen_length=gen_length,
-                    batch_size=args.batch_size, seed=args.seed, log=sys.stderr,
-                    model_dir=model_dir)
+    model = session.load(model_dir, layout="stacked")
+    gen_length = args.gen_length or model.answer_length or DEFAULT_ANSWER_LENGTH
+    rows = evaluate(model.params, model.cfg, model.require_tokenizer(), names, settings,
+                    n=args.n, gen_length=gen_length, batch_size=args.batch_size, seed=args.seed,
+                    log=sys.stderr, model_dir=str(model.model_dir))
     text = (f"### Per task\n\n{format_table(rows)}\n\n### Mean accuracy by dependency level\n\n"
             f"{summary_by_dependency(rows)}\n\n### Issue 6 targets\n\n{tspd_targets(rows)}\n")
     print(text)

@@ -16,20 +16,16 @@
    split into fit / validation groups; the metrics report both, and the validation precision
    and recall of the commit rule p > tau next to those of confidence >= 0.9.
 
-`dllm-jax train-controller --model DIR` runs this on training-split task instances
-(`dllm_jax.tasks`) and writes DIR/tspd.json (or --out FILE).
+`dllm-jax train-controller --model DIR` (`controller_fit_cli`) runs this on training-split
+task instances (`dllm_jax.tasks`) and writes DIR/tspd.json (or --out FILE).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import os
-import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +34,7 @@ import optax
 
 from controllers.baselines import LowConfidence, Threshold
 from controllers.ce import py_logit
-from controllers.tspd import TSPD, TSPDParams, feature_names, save_tspd, tspd_features
+from controllers.tspd import TSPD, TSPDParams, feature_names, tspd_features
 from dllm_jax import features as F
 from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.features import CEFilter
@@ -62,7 +58,8 @@ class Recording:
         return int(self.y.shape[0])
 
 
-def _batches(prompts: np.ndarray, valid: np.ndarray, batch_size: int):
+def _batches(prompts: np.ndarray, valid: np.ndarray, batch_size: int
+             ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Fixed-size chunks (the last one padded with copies of its first row: rows never affect
     each other, and one shape means one compile). Yields (start, n_real, ids, valid)."""
     n = prompts.shape[0]
@@ -297,97 +294,6 @@ def train_controller(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = No
                  ce_filter=ce_filter, batch_size=batch_size, key=key)
     return fit_tspd(rec, vocab_size=int(cfg.vocab_size), use_ce=use_ce, horizon=horizon,
                     ce_filter=ce_filter, **fit_kwargs)
-
-
-# ---------------------------------------------------------------- dllm-jax train-controller
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}.") from None
-    if any(not 0 < v <= 1 for v in vals):
-        raise ConfigError(f"{flag} values must lie in (0, 1], got {text!r}.")
-    return vals
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model folder (default: the bundled model)")
-    p.add_argument("--out", default=None, help="output file (default: MODEL/tspd.json)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
-    p.add_argument("--n", type=int, default=64, help="training-split instances per task")
-    p.add_argument("--steps", type=int, default=400, help="optimiser steps of the fit")
-    p.add_argument("--gen-length", type=int, default=None,
-                   help="answer length (default: the model's train_config.json, else 32)")
-    p.add_argument("--block-length", type=int, default=None, help="default: gen-length")
-    p.add_argument("--thresholds", default="0.9,0.7",
-                   help="Fast-dLLM thresholds whose decodes are recorded (besides the "
-                        "one-token-per-step reference)")
-    p.add_argument("--hidden", type=int, default=16, help="MLP hidden units (0: logistic)")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--l2", type=float, default=1e-4)
-    p.add_argument("--neg-weight", type=float, default=1.0,
-                   help="loss weight of not-yet-converged rows (> 1: wrong commits cost more)")
-    p.add_argument("--tau", type=float, default=0.5, help="default commit threshold on p")
-    p.add_argument("--no-ce", action="store_true", help="leave the CE forecast features out")
-    p.add_argument("--horizon", type=int, default=2, help="CE forecast horizon (steps)")
-    p.add_argument("--q", type=float, default=CEFilter.q, help="CE process noise")
-    p.add_argument("--r", type=float, default=CEFilter.r, help="CE observation noise")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> int:
-    from dllm_jax.bench.quality import model_gen_length
-    from dllm_jax.checkpoint import load_model
-    from dllm_jax.tasks import TASKS
-    from dllm_jax.tokenizer import Tokenizer
-
-    if args.model is None:
-        from dllm_jax.generate_cli import _default_model_dir
-        model_dir = _default_model_dir()
-    else:
-        model_dir = args.model
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"model folder {model_dir} does not exist; pass --model DIR.")
-    names = list(TASKS) if args.tasks is None else [t.strip() for t in args.tasks.split(",")
-                                                     if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise ConfigError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}.")
-    if args.n <= 0 or args.steps <= 0 or args.batch_size <= 0 or args.horizon < 0:
-        raise ConfigError("--n, --steps and --batch-size must be positive and --horizon >= 0.")
-    thresholds = _floats(args.thresholds, "--thresholds")
-    try:
-        ce_filter = CEFilter(q=args.q, r=args.r)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    cfg, params = load_model(model_dir)
-    tok = Tokenizer.from_dir(model_dir)
-    gen_length = args.gen_length or model_gen_length(model_dir)
-    gen = GenerateConfig(gen_length=gen_length, block_length=args.block_length or gen_length,
-                         steps=gen_length)
-    prompts: list[str] = []
-    for k, name in enumerate(names):
-        prompts += [inst.prompt for inst in TASKS[name].generate(args.seed + k, args.n,
-                                                                 split="train")]
-    ids, valid = tok.batch_encode(prompts)
-    print(f"recording {len(prompts)} training prompts x {1 + len(thresholds)} decodes "
-          f"(gen_length {gen.gen_length}, block {gen.block_length})", file=sys.stderr, flush=True)
-    use_ce = not args.no_ce
-    ctrl, metrics = train_controller(
-        params, cfg, ids, valid, gen=gen, thresholds=thresholds, use_ce=use_ce,
-        horizon=args.horizon, ce_filter=ce_filter, batch_size=args.batch_size,
-        key=jax.random.key(args.seed), hidden=args.hidden, steps=args.steps, lr=args.lr,
-        l2=args.l2, neg_weight=args.neg_weight, tau=args.tau, seed=args.seed)
-    metrics.update(tasks=names, n_per_task=args.n, split="train", gen_length=gen.gen_length,
-                   block_length=gen.block_length, thresholds=list(thresholds))
-    out = save_tspd(args.out or os.path.join(model_dir, "tspd.json"), ctrl, metrics)
-    print(json.dumps({"out": out, **{k: metrics[k] for k in (
-        "n_rows", "loss_init", "loss_fit", "loss_eval", "accuracy_eval", "tspd_at_tau",
-        "threshold_0.9")}}))
-    return 0
 
 
 __all__ = ["Recording", "fit_tspd", "record", "reference_config", "replay_features",

@@ -1,0 +1,83 @@
+"""`dllm-jax train --out DIR`: the command line of masked-diffusion training (flags -> a
+`TrainConfig` and a model config -> `loop.train`, then optionally `evaluation.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from dllm_jax.models import param_shapes
+from dllm_jax.train.config import TrainConfig, bundled_model_config, tiny_model_config
+from dllm_jax.train.evaluation import evaluate, format_results
+from dllm_jax.train.loop import train
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--out", required=True, help="model folder written at the end")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: OUT-ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
+    p.add_argument("--model-size", choices=("bundled", "tiny"), default="bundled",
+                   help="bundled: hidden 256 x 6 layers (~4.6M params); tiny: hidden 64 x 2")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps/20)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eps", type=float, default=d.eps)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--pool-size", type=int, default=d.pool_size,
+                   help="distinct train instances per task family")
+    p.add_argument("--tasks", default="", help="comma-separated task families (default: all)")
+    p.add_argument("--prompt-length", type=int, default=d.prompt_length)
+    p.add_argument("--answer-length", type=int, default=d.answer_length)
+    p.add_argument("--block-diffusion", action="store_true",
+                   help="SDAR-style block diffusion (block-causal attention, per-block masks)")
+    p.add_argument("--block-size", type=int, default=8, help="block size of --block-diffusion")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=d.compute_dtype)
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop with a checkpoint after this many seconds (resume later)")
+    p.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="after training, score N held-out instances per task (one token per step)")
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = tuple(t for t in args.tasks.replace(" ", "").split(",") if t)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, eps=args.eps,
+        ckpt_every=args.ckpt_every, log_every=args.log_every, pool_size=args.pool_size,
+        tasks=tasks, prompt_length=args.prompt_length, answer_length=args.answer_length,
+        block_diffusion=args.block_diffusion, compute_dtype=args.compute_dtype)
+    make = bundled_model_config if args.model_size == "bundled" else tiny_model_config
+    model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length,
+                     block_size=args.block_size if args.block_diffusion else 0)
+    n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(model_cfg)))
+    print(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M params; {cfg.steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_length} tokens; tasks: {', '.join(cfg.task_names)}",
+          file=sys.stderr)
+    res = train(cfg, model_cfg, args.out, ckpt_dir=args.ckpt_dir, resume=args.resume,
+                time_limit=args.time_limit, save_dtype=args.save_dtype, overwrite=args.overwrite)
+    if res.out_dir is None:
+        print(f"stopped at step {res.step}/{cfg.steps}; continue with the same command and "
+              f"--resume.", file=sys.stderr)
+        return 0
+    print(f"saved {res.out_dir} ({res.step} steps, {res.seconds:.0f} s)", file=sys.stderr)
+    if args.eval > 0:
+        results = evaluate(res.params, model_cfg, tasks=cfg.task_names, n=args.eval,
+                           prompt_length=cfg.prompt_length, gen_length=cfg.answer_length)
+        print(format_results(results))
+    return 0
+
+
+
+__all__ = ["add_arguments", "run"]
