@@ -45,8 +45,7 @@ import sys
 import time
 from typing import Any, Iterable
 
-from dllm_jax.generate_cli import (UsageError, _default_model_dir, add_generation_options,
-                                   decode_settings)
+from dllm_jax.cli_options import UsageError, add_generation_options, decode_settings
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUCKET = 16
@@ -195,20 +194,6 @@ def bucket_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pad_batch(seqs: list[list[int]], batch_size: int, length: int, pad_id: int
-              ) -> tuple[Any, Any]:
-    """Left-pad to `length`; fill up to `batch_size` rows with copies of the first row."""
-    import numpy as np
-
-    rows = list(seqs) + [seqs[0]] * (batch_size - len(seqs))
-    ids = np.full((batch_size, length), pad_id, np.int32)
-    valid = np.zeros((batch_size, length), bool)
-    for r, s in enumerate(rows):
-        ids[r, length - len(s):] = s
-        valid[r, length - len(s):] = True
-    return ids, valid
-
-
 # ----------------------------------------------------------------------------- run
 def _distributed_init(args: argparse.Namespace) -> None:
     import jax
@@ -232,13 +217,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--coordinator-address / --num-processes / --process-id need "
                          "--distributed.")
     import jax
-    import numpy as np
 
+    from dllm_jax import session
     from dllm_jax import sharding as S
-    from dllm_jax.checkpoint import load_config, load_model
-    from dllm_jax.model import decode_layout
-    from dllm_jax.decode import GenerateError, generate
-    from dllm_jax.tokenizer import Tokenizer, TokenizerError
+    from dllm_jax.decode import GenerateError
+    from dllm_jax.tokenizer import TokenizerError
 
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
                                                                    flush=True))
@@ -246,10 +229,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.bucket <= 0:
         raise UsageError("--batch-size and --bucket must be positive.")
     pidx, pcount = jax.process_index(), jax.process_count()
-    model_dir = args.model or _default_model_dir()
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"model folder {model_dir} does not exist; pass --model DIR from "
-                         f"`dllm-jax convert`.")
+    model_dir = session.resolve_model_dir(args.model)
     try:
         mesh = S.make_mesh(args.mesh, devices=jax.local_devices())
     except S.ShardingError as e:
@@ -257,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = S.mesh_sizes(mesh)
     batch_size = bucket_length(args.batch_size, sizes["data"])
     bucket = math.lcm(args.bucket, sizes["seq"])
-    gen, controller = decode_settings(args, model_dir)
+    gen, controller = decode_settings(args, str(model_dir))
 
     out_path = output_path(args.output, pidx, pcount)
     items = read_input(args.input, pidx, pcount, warn)
@@ -270,38 +250,16 @@ def run(args: argparse.Namespace) -> int:
     if not pending:
         return 0
 
-    cfg, _ = load_config(model_dir)
-    cfg, params = load_model(model_dir, dtype=args.dtype,
-                             shardings=S.param_shardings(cfg, mesh))
-    params = decode_layout(params, fuse=False)  # the sharding rules name unfused weights
-    tok = None
-    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
-        tok = Tokenizer.from_dir(model_dir)
-    pad_id = tok.pad_id if tok is not None else cfg.pad_token_id
-
+    sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
     seqs, rows = [], []
     for n, rid, text, ids in pending:
-        if ids is None:
-            if tok is None:
-                warn(f"{args.input}:{n}: a text prompt, but {model_dir} has no tokenizer.json; "
-                     f"give prompt_ids. Line skipped.")
-                continue
-            try:
-                if args.chat:
-                    text = tok.apply_chat_template([{"role": "user", "content": text}])
-                ids = tok.encode(text)
-            except (TokenizerError, ValueError) as e:
-                warn(f"{args.input}:{n}: cannot encode the prompt ({e}); line skipped.")
-                continue
-        if not ids or any(t < 0 or t >= cfg.vocab_size for t in ids):
-            warn(f"{args.input}:{n}: prompt ids must be non-empty and lie in "
-                 f"[0, {cfg.vocab_size}); line skipped.")
+        try:
+            ids = sess.encode(text if ids is None else ids, chat=args.chat)
+            session.check_prompt_ids(ids, sess.cfg, gen.gen_length)
+        except (session.SessionError, TokenizerError, ValueError) as e:
+            warn(f"{args.input}:{n}: {e} Line skipped.")
             continue
-        if len(ids) + gen.gen_length > cfg.max_position:
-            warn(f"{args.input}:{n}: prompt ({len(ids)}) + answer ({gen.gen_length}) exceeds the "
-                 f"model's maximum length {cfg.max_position}; line skipped.")
-            continue
-        seqs.append(list(ids))
+        seqs.append(ids)
         rows.append(rid)
 
     batches = make_batches([len(s) for s in seqs], batch_size)
@@ -311,23 +269,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         for bi, idx in enumerate(batches):
             length = bucket_length(max(len(seqs[i]) for i in idx), bucket)
-            length = min(length, cfg.max_position - gen.gen_length)
-            prompt, valid = pad_batch([seqs[i] for i in idx], batch_size, length, pad_id)
+            length = min(length, sess.cfg.max_position - gen.gen_length)
+            prompt, valid = sess.pad([seqs[i] for i in idx], width=length, rows=batch_size)
             try:
-                out = generate(params, cfg, prompt, gen, controller, prompt_valid=valid, key=key,
-                               mesh=mesh)
+                out = sess.generate_ids(prompt, valid, gen, controller, key=key)
             except GenerateError as e:
                 raise UsageError(str(e)) from None
-            tokens, nfe = np.asarray(out.tokens), np.asarray(out.stats.nfe)
-            steps = int(out.stats.steps)
-            records = []
-            for r, i in enumerate(idx):
-                answer = [int(t) for t in tokens[r]]
-                if cfg.eos_token_id in answer:
-                    answer = answer[:answer.index(cfg.eos_token_id)]
-                records.append({"id": rows[i], "tokens": answer,
-                                "text": tok.decode(answer) if tok is not None else "",
-                                "nfe": int(nfe[r]), "steps": steps})
+            records = [{"id": rows[i], **a.to_json()}
+                       for i, a in zip(idx, sess.answers(out, len(idx)))]
             append_records(fd, records)
             finished += len(idx)
             answer_tokens += len(idx) * gen.gen_length

@@ -21,7 +21,8 @@ from dllm_jax.checkpoint import load_model, save_model
 from dllm_jax.cli import main
 from dllm_jax.config import GenerateConfig, ModelConfig
 from dllm_jax.decode import generate
-from dllm_jax.model import init_params
+from dllm_jax.models import init_params
+from dllm_jax.session import left_pad
 from dllm_jax.tasks.vocab import build_task_tokenizer
 from dllm_jax.tokenizer import Tokenizer
 
@@ -175,7 +176,7 @@ def test_batches_bucket_by_length() -> None:
     lengths = [9, 1, 5, 2, 8, 3]
     batches = B.make_batches(lengths, 2)
     assert [[lengths[i] for i in b] for b in batches] == [[1, 2], [3, 5], [8, 9]]
-    ids, valid = B.pad_batch([[7, 8], [9]], 4, 4, 0)
+    ids, valid = left_pad([[7, 8], [9]], 0, width=4, rows=4)
     assert ids.tolist() == [[0, 0, 7, 8], [0, 0, 0, 9], [0, 0, 7, 8], [0, 0, 7, 8]]
     assert valid.sum(1).tolist() == [2, 1, 2, 2]
     assert B.bucket_length(5, 4) == 8

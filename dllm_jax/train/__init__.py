@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 from dllm_jax.train.checkpoints import save_trained_model
-from dllm_jax.train.cli import add_arguments, run
 from dllm_jax.train.config import (TOKENIZER_FILES, TRAIN_CONFIG_FILE, TrainConfig, TrainError,
                                    bundled_model_config, check_configs, tiny_model_config)
 from dllm_jax.train.data import (TRAIN_MIX, DataPool, batch_at, build_pool, data_key,
@@ -42,6 +41,6 @@ __all__ = [
     "encode_instances", "save_pool", "load_pool", "sample_batch", "batch_at", "data_key", "sample_noise",
     "masked_diffusion_loss", "block_diffusion_logits", "loss_fn", "lr_schedule",
     "make_optimizer", "init_state", "train_chunk", "train", "save_trained_model", "evaluate",
-    "format_results", "add_arguments", "run",
+    "format_results",
     "TRAIN_CONFIG_FILE", "TOKENIZER_FILES", "check_configs", "part_instances", "Progress",
 ]
