@@ -3,8 +3,13 @@
 A controller is a frozen pytree dataclass (hyper-parameters as static fields, learned
 parameters as leaves) with
 
+    sampler: str                          "llada" | "dream" (how candidates are drawn)
+    trajectory_filter: CEFilter | None    the CE filter the decode loop runs, or None
     init(batch, block) -> state
     decide(feats, traj, ctx, state) -> (commit [B, Lb] bool, state)
+
+That is everything the decode loop reads from a controller. Controllers are built by name
+with `controllers.make_controller` (see `controllers/registry.py`).
 
 `decide` is pure and jit-compatible; it never branches in Python on traced values. The
 decode loop keeps only commits on masked positions of unfinished rows.
@@ -17,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from dllm_jax.features import CEFilter
 from dllm_jax.state import BlockContext, Features, Trajectory
 
 
@@ -26,6 +32,10 @@ class Controller(Protocol):
 
     #: "llada" (Gumbel-max, untempered confidence) or "dream" (tempered sampling).
     sampler: str
+    #: The CE filter settings the decode loop runs to update `Trajectory.ce_mean / ce_cov`
+    #: (see `dllm_jax.features.update_trajectory`), or None when the controller reads no
+    #: filter (then those fields are left as they are).
+    trajectory_filter: CEFilter | None
 
     def init(self, batch: int, block: int) -> Any: ...
 

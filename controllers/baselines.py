@@ -12,7 +12,8 @@ Every controller sees the active block only: `Features` are `[B, Lb]`.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from controllers.base import at_least_one, top_k_commit
+from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.state import BlockContext, Features, Trajectory
 
 
@@ -42,6 +44,7 @@ class LowConfidence:
 
     remasking: str = struct.field(pytree_node=False, default="low_confidence")
     sampler: str = struct.field(pytree_node=False, default="llada")
+    trajectory_filter: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -66,6 +69,7 @@ class Threshold:
 
     threshold: float = struct.field(pytree_node=False, default=0.9)
     sampler: str = struct.field(pytree_node=False, default="llada")
+    trajectory_filter: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -99,6 +103,7 @@ class Factor:
 
     factor: float = struct.field(pytree_node=False, default=1.0)
     sampler: str = struct.field(pytree_node=False, default="llada")
+    trajectory_filter: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -148,6 +153,7 @@ class DreamOrder:
     eps: float = struct.field(pytree_node=False, default=1e-3)
     alg_temp: float = struct.field(pytree_node=False, default=0.0)
     sampler: str = struct.field(pytree_node=False, default="dream")
+    trajectory_filter: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -179,3 +185,78 @@ class DreamOrder:
                                                      minval=1e-20, maxval=1.0)))
             score = score / self.alg_temp + g
         return top_k_commit(score, k, masked), state
+
+
+# ----------------------------------------------------------------------------- registry
+@register("random")
+@register("low_confidence")
+@dataclasses.dataclass(frozen=True)
+class LowConfidenceOptions(ControllerOptions):
+    """LLaDA remasking: commit a fixed number of the most confident (or random) tokens per step."""
+
+    def build(self, name: str) -> LowConfidence:
+        return LowConfidence(remasking=name)
+
+
+@register("threshold")
+@dataclasses.dataclass(frozen=True)
+class ThresholdOptions(ControllerOptions):
+    """Fast-dLLM: commit every masked token with confidence >= threshold."""
+
+    threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
+
+    def validate(self) -> None:
+        require(0.0 < self.threshold <= 1.0, "threshold", "in (0, 1]", self.threshold, 0.9)
+
+    def build(self, name: str) -> Threshold:
+        return Threshold(threshold=self.threshold)
+
+
+@register("factor")
+@dataclasses.dataclass(frozen=True)
+class FactorOptions(ControllerOptions):
+    """Fast-dLLM's factor rule: commit the n most confident while c_n >= 1 - factor / (n + 1)."""
+
+    factor: float = option(1.0, "factor of the dynamic threshold 1 - factor / (n + 1), > 0")
+
+    def validate(self) -> None:
+        require(self.factor > 0.0, "factor", "> 0", self.factor, 1.0)
+
+    def build(self, name: str) -> Factor:
+        return Factor(factor=self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DreamTimeGrid(ControllerOptions):
+    """The option every Dream order shares: the end of its time grid."""
+
+    eps: float = option(1e-3, "end of Dream's time grid linspace(1, eps, steps + 1), in (0, 1)")
+
+    def validate(self) -> None:
+        require(0.0 < self.eps < 1.0, "eps", "in (0, 1)", self.eps, 1e-3)
+
+
+@register("entropy")
+@register("topk_margin")
+@register("maskgit_plus")
+@dataclasses.dataclass(frozen=True)
+class DreamOrderOptions(_DreamTimeGrid):
+    """Dream's ranked orders: commit int(M * (1 - u / t)) masked tokens ranked by a score."""
+
+    alg_temp: float = option(0.0, "temperature of the sampled ranking (0: greedy), >= 0")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.alg_temp >= 0.0, "alg_temp", ">= 0", self.alg_temp, 0.0)
+
+    def build(self, name: str) -> DreamOrder:
+        return DreamOrder(alg=name, eps=self.eps, alg_temp=self.alg_temp)
+
+
+@register("origin")
+@dataclasses.dataclass(frozen=True)
+class DreamOriginOptions(_DreamTimeGrid):
+    """Dream's origin rule: commit each masked token with probability 1 - u / t."""
+
+    def build(self, name: str) -> DreamOrder:
+        return DreamOrder(alg=name, eps=self.eps)

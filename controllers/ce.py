@@ -34,6 +34,7 @@ The `CE` controller = Fast-dLLM's threshold rule plus two rules:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from controllers.base import at_least_one
+from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.features import CEFilter
 from dllm_jax.state import BlockContext, Features, Trajectory
 
@@ -129,4 +131,46 @@ class CE:
         return at_least_one(commit, score, feats.masked), state
 
 
-__all__ = ["CE", "ce_forecast", "process_noise_sum", "py_logit"]
+_CE = CEFilter()
+
+
+@register("ce")
+@dataclasses.dataclass(frozen=True)
+class CEOptions(ControllerOptions):
+    """Confidence Extrapolation: the threshold rule plus CE safe look-ahead and stabilization."""
+
+    threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
+    horizon: int = option(2, "CE look-ahead in steps, >= 0")
+    z: float = option(1.0, "width of the CE forecast's lower bound in sds, >= 0")
+    q: float = option(_CE.q, "CE filter process-noise scale, >= 0")
+    r: float = option(_CE.r, "CE filter observation-noise variance (log-odds^2), > 0")
+    slope_var0: float = option(_CE.slope_var0, "CE filter slope variance at a restart, > 0")
+    lookahead: bool = option(True, "CE: also commit tokens whose forecast clears the threshold")
+    stabilize: bool = option(True, "CE: hold oscillating, falling or flat-and-unsure tokens")
+    flip_k: int = option(2, "CE: a token with >= flip_k candidate flips may oscillate, >= 1")
+    recent: int = option(2, "CE: ... when its last flip is <= recent observations old, >= 1")
+    slope_tol: float = option(0.0, "CE: a slope below -slope_tol counts as falling, >= 0")
+    flat_tol: float = option(0.1, "CE: |slope| <= flat_tol counts as flat, >= 0")
+
+    def validate(self) -> None:
+        require(0.0 < self.threshold <= 1.0, "threshold", "in (0, 1]", self.threshold, 0.9)
+        require(self.horizon >= 0, "horizon", "an integer >= 0 (steps ahead)", self.horizon, 2)
+        require(self.z >= 0.0, "z", ">= 0 (forecast sds)", self.z, 1.0)
+        filt = "the CE filter needs q >= 0, r > 0 and slope_var0 > 0"
+        require(self.q >= 0.0, "q", f">= 0 ({filt})", self.q, _CE.q)
+        require(self.r > 0.0, "r", f"> 0 ({filt})", self.r, _CE.r)
+        require(self.slope_var0 > 0.0, "slope_var0", f"> 0 ({filt})", self.slope_var0,
+                _CE.slope_var0)
+        require(self.flip_k >= 1, "flip_k", "an integer >= 1", self.flip_k, 2)
+        require(self.recent >= 1, "recent", "an integer >= 1", self.recent, 2)
+        require(self.slope_tol >= 0.0, "slope_tol", ">= 0", self.slope_tol, 0.0)
+        require(self.flat_tol >= 0.0, "flat_tol", ">= 0", self.flat_tol, 0.1)
+
+    def build(self, name: str) -> CE:
+        return CE(threshold=self.threshold, horizon=self.horizon, z=self.z,
+                  lookahead=self.lookahead, stabilize=self.stabilize, flip_k=self.flip_k,
+                  recent=self.recent, slope_tol=self.slope_tol, flat_tol=self.flat_tol,
+                  trajectory_filter=CEFilter(q=self.q, r=self.r, slope_var0=self.slope_var0))
+
+
+__all__ = ["CE", "CEOptions", "ce_forecast", "process_noise_sum", "py_logit"]

@@ -23,13 +23,15 @@ rule), and at least one token per row (the highest spatial score).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from controllers.base import at_least_one
+from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.state import BlockContext, Features, Trajectory
 
 R2_AGGS = ("mean", "min")
@@ -75,6 +77,7 @@ class R2:
     spatial: bool = struct.field(pytree_node=False, default=True)
     temporal: bool = struct.field(pytree_node=False, default=True)
     sampler: str = struct.field(pytree_node=False, default="llada")
+    trajectory_filter: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -102,4 +105,33 @@ class R2:
         return at_least_one(commit, score, feats.masked), state
 
 
-__all__ = ["R2", "R2_AGGS", "spatial_score"]
+@register("r2")
+@dataclasses.dataclass(frozen=True)
+class R2Options(ControllerOptions):
+    """R2: spatial neighbour aggregation of confidence plus temporal stability."""
+
+    threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
+    window: int = option(1, "R2: neighbours on each side in the spatial score, >= 0")
+    agg: str = option("mean", "R2: how the window is aggregated", choices=R2_AGGS)
+    floor: float = option(0.7, "R2: own-confidence floor of the spatial rule, in [0, 1]")
+    k: int = option(3, "R2: stable observations that finalize a token, >= 1")
+    temporal_floor: float = option(0.7, "R2: confidence floor of the temporal rule, in [0, 1]")
+    spatial: bool = option(True, "R2: use the spatial rule (else the plain threshold rule)")
+    temporal: bool = option(True, "R2: use the temporal rule")
+
+    def validate(self) -> None:
+        require(0.0 < self.threshold <= 1.0, "threshold", "in (0, 1]", self.threshold, 0.9)
+        require(self.window >= 0, "window", "an integer >= 0 (neighbours per side)",
+                self.window, 1)
+        require(self.k >= 1, "k", "an integer >= 1 (stable steps)", self.k, 3)
+        require(0.0 <= self.floor <= 1.0, "floor", "in [0, 1]", self.floor, 0.7)
+        require(0.0 <= self.temporal_floor <= 1.0, "temporal_floor", "in [0, 1]",
+                self.temporal_floor, 0.7)
+
+    def build(self, name: str) -> R2:
+        return R2(threshold=self.threshold, window=self.window, agg=self.agg, floor=self.floor,
+                  k=self.k, temporal_floor=self.temporal_floor, spatial=self.spatial,
+                  temporal=self.temporal)
+
+
+__all__ = ["R2", "R2Options", "R2_AGGS", "spatial_score"]

@@ -25,12 +25,13 @@ a logistic model plus a one-hidden-layer MLP residual (hidden = 0: logistic only
 parameters are pytree LEAVES of the controller, so new values never recompile the decode.
 
 Fitted parameters ship next to the model as `tspd.json` (`save_tspd` / `load_tspd`), written
-by `controllers.fit` / `dllm-jax train-controller`, with the static settings they were fitted
+by `dllm_jax.train.controller_fit` / `dllm-jax train-controller`, with the static settings they were fitted
 with (features, vocab size, CE filter and horizon).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from flax import struct
 
 from controllers.base import at_least_one
 from controllers.ce import ce_forecast, py_logit
+from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.config import ConfigError
 from dllm_jax.features import CEFilter, log_odds
 from dllm_jax.state import BlockContext, Features, Trajectory
@@ -291,6 +293,48 @@ def load_tspd(model_dir: str | os.PathLike) -> TSPD:
     return read_tspd(os.path.join(os.fspath(model_dir), TSPD_FILE))
 
 
-__all__ = ["CE_FEATURES", "FEATURES", "TSPD", "TSPDError", "TSPDParams", "TSPD_FILE",
-           "distance_to_committed", "feature_names", "load_tspd", "read_tspd", "save_tspd",
-           "tspd_features"]
+def resolve_tspd(tspd: Any = None, model_dir: Any = None) -> TSPD:
+    """The fitted TSPD controller: `tspd` itself (a TSPD, a tspd.json file or a folder holding
+    one), else `model_dir/tspd.json`, else the bundled model's; TSPDError when none is found."""
+    if isinstance(tspd, TSPD):
+        return tspd
+    if tspd is not None:
+        path = os.fspath(tspd)
+        return load_tspd(path) if os.path.isdir(path) else read_tspd(path)
+    if model_dir is None:
+        try:
+            from dllm_jax.pretrained import bundled_model_dir
+            model_dir = bundled_model_dir()
+        except Exception:  # no bundled model installed
+            model_dir = None
+    if model_dir is None or not os.path.exists(os.path.join(os.fspath(model_dir), TSPD_FILE)):
+        raise TSPDError(
+            "the 'tspd' controller needs fitted parameters: pass tspd=FILE or model_dir=DIR "
+            f"holding {TSPD_FILE} (made by `dllm-jax train-controller --model DIR`).")
+    return load_tspd(model_dir)
+
+
+@register("tspd", fitted=True)
+@dataclasses.dataclass(frozen=True)
+class TSPDOptions(ControllerOptions):
+    """TSPD: commit every masked token whose fitted p(converged) exceeds tau."""
+
+    tspd: Any = option(None, "a TSPD, or a tspd.json file / folder (default: model_dir's)",
+                       cli=False)
+    model_dir: Any = option(None, f"model folder holding {TSPD_FILE} (default: the bundled "
+                                  f"model)", cli=False)
+    tau: Optional[float] = option(None, "TSPD commit threshold on p(converged), in (0, 1) "
+                                        "(default: the fitted file's)", example=0.5)
+
+    def validate(self) -> None:
+        if self.tau is not None:
+            require(0.0 < self.tau < 1.0, "tau", "in (0, 1)", self.tau, 0.5)
+
+    def build(self, name: str) -> TSPD:
+        ctrl = resolve_tspd(self.tspd, self.model_dir)
+        return ctrl if self.tau is None else ctrl.replace(tau=self.tau)
+
+
+__all__ = ["CE_FEATURES", "FEATURES", "TSPD", "TSPDError", "TSPDOptions", "TSPDParams",
+           "TSPD_FILE", "distance_to_committed", "feature_names", "load_tspd", "read_tspd",
+           "resolve_tspd", "save_tspd", "tspd_features"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from controllers import CONTROLLER_NAMES, make_controller
+from controllers import CONTROLLER_NAMES, applicable_options, make_controller
 from controllers.baselines import DREAM_ALGS
 from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.decode import GenerateError, _generate_jit, generate
@@ -24,7 +24,7 @@ def test_controller_ends_and_never_rewrites(name: str, kind: str) -> None:
 def test_batch_equals_rows_alone(name: str) -> None:
     """Padding and other rows never change a row's answer."""
     prompt, valid = prompts()
-    ctrl = make_controller(name, threshold=0.3)
+    ctrl = make_controller(name, **applicable_options(name, threshold=0.3))
     batch = generate(PARAMS["peaked"], CFG, prompt, GEN, ctrl, prompt_valid=valid)
     for b in range(prompt.shape[0]):
         alone = generate(PARAMS["peaked"], CFG, prompt[b, valid[b]][None], GEN, ctrl)
