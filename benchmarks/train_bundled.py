@@ -1,7 +1,9 @@
-"""Train the bundled model (dllm_jax/pretrained) and score it on held-out task instances.
+"""Train a task model (the bundled one, or a v2 benchmark model) and score it on held-out
+task instances.
 
     PYTHONPATH=. python benchmarks/train_bundled.py --out OUT_DIR [--budget 300] [--tiny]
         [--pool-file POOL.npz]     # a pool made beforehand with --save-pool POOL.npz (on a CPU)
+        [--task-set v2 --model-size bench [--block-size 4] --save-dtype bfloat16]
 
 1. builds the training pool (all task families, `TRAIN_MIX` difficulties, deterministic);
 2. times one compiled chunk of `--log-every` steps and sets `steps` so that training fits in
@@ -9,7 +11,8 @@
    `dllm-jax train --steps N ...` and the recorded `train_config.json`);
 3. trains (`dllm_jax.train.train`), writes the model folder OUT_DIR/model (float32);
 4. reloads it with `load_model` and scores `--eval-n` held-out (split='test') instances per
-   task, decoding one token per step (gen_length = steps = 32, one block, low_confidence);
+   task, decoding one token per step (gen_length = steps = the answer length, low_confidence;
+   one block, or blocks of the block size for a block-diffusion model);
 5. writes OUT_DIR/results.json, OUT_DIR/results.md and OUT_DIR/model.tar.
 """
 
@@ -36,6 +39,11 @@ def main() -> int:
     ap.add_argument("--compute-dtype", default="bfloat16")
     ap.add_argument("--max-steps", type=int, default=1_000_000)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, small pool")
+    ap.add_argument("--task-set", choices=("v1", "v2"), default="v1")
+    ap.add_argument("--model-size", choices=("bundled", "bench", "tiny"), default="bundled")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="> 0: SDAR-style block diffusion (block-causal) with this block size")
+    ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--pool-file", default=None, help="a pool written by dllm_jax.train.save_pool")
     ap.add_argument("--save-pool", default=None, metavar="PATH",
                     help="only build the pool (for --pool-size / --seed) and write it to PATH")
@@ -51,19 +59,24 @@ def main() -> int:
     from dllm_jax.checkpoint import load_model
     from dllm_jax.config import ModelConfig
     from dllm_jax.models import param_shapes
-    from dllm_jax.train import (TRAIN_CONFIG_FILE, StepSpec, TrainConfig, build_pool,
-                                bundled_model_config, evaluate, format_results, init_state,
-                                load_pool, save_pool, save_trained_model, tiny_model_config, train,
-                                train_chunk)
+    from dllm_jax.train import (TRAIN_CONFIG_FILE, StepSpec, TrainConfig, build_pool, evaluate,
+                                format_results, init_state, load_pool, save_pool,
+                                save_trained_model, train, train_chunk)
+    from dllm_jax.train.cli import v2_lengths
+    from dllm_jax.train.config import MODEL_SIZES
 
     print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
     os.makedirs(args.out, exist_ok=True)
+    lengths = dict(zip(("prompt_length", "answer_length"), v2_lengths())) if (
+        args.task_set == "v2") else {}
     cfg = TrainConfig(steps=10 * args.log_every, batch_size=args.batch_size, lr=args.lr,
                       warmup=args.log_every, seed=args.seed, pool_size=args.pool_size,
                       log_every=args.log_every, ckpt_every=10 * args.log_every,
-                      compute_dtype=args.compute_dtype)
-    make = tiny_model_config if args.tiny else bundled_model_config
-    model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length)
+                      compute_dtype=args.compute_dtype, task_set=args.task_set,
+                      block_diffusion=args.block_size > 0, **lengths)
+    make = MODEL_SIZES["tiny" if args.tiny else args.model_size]
+    model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length,
+                     block_size=args.block_size)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(model_cfg)))
     print(f"model {n_params} params: {model_cfg}", flush=True)
 
@@ -108,13 +121,14 @@ def main() -> int:
         print(f"compile+chunk {compile_s:.1f} s, {1e3 * step_s:.2f} ms/step -> {steps} steps; "
               f"{cfg}", flush=True)
 
-    model_dir = os.path.join("/tmp", "bundled-model")
+    model_dir = os.path.join(args.out, "model")
     res = train(cfg, model_cfg, model_dir, ckpt_dir=args.ckpt_dir, resume=resume, pool=pool,
-                save_dtype="float32", overwrite=True, stream=sys.stdout,
+                save_dtype=args.save_dtype, overwrite=True, stream=sys.stdout,
                 time_limit=args.time_limit)
     if res.out_dir is None:  # stopped by --time-limit: keep what we have
         print(f"stopped early at step {res.step}/{cfg.steps}", flush=True)
         save_trained_model(model_dir, cfg, model_cfg, res.params, overwrite=True,
+                           save_dtype=args.save_dtype,
                            extra={"steps_done": res.step, "stopped_early": True})
     from dllm_jax.train.step import _train_chunk
     print(f"compiled chunk variants: {_train_chunk._cache_size()}", flush=True)
@@ -123,11 +137,17 @@ def main() -> int:
 
     with tarfile.open(os.path.join(args.out, "model.tar"), "w") as tar:
         tar.add(model_dir, arcname="model")
+    import shutil
+    shutil.rmtree(model_dir)  # only the tar travels back (the folder is too deep for $OUT)
+    with tarfile.open(os.path.join(args.out, "model.tar")) as tar:
+        tar.extractall("/tmp/eval-model-" + os.path.basename(os.path.abspath(args.out)))
+    model_dir = "/tmp/eval-model-" + os.path.basename(os.path.abspath(args.out)) + "/model"
     print("model.tar written", flush=True)
     cfg2, params = load_model(model_dir, dtype="float32")
     t = time.perf_counter()
     results = evaluate(params, cfg2, n=args.eval_n, prompt_length=cfg.prompt_length,
-                       gen_length=cfg.answer_length)
+                       gen_length=cfg.answer_length, task_set=cfg.task_set,
+                       block_length=args.block_size or None, batch_size=args.eval_n)
     eval_s = time.perf_counter() - t
     table = format_results(results)
     print(table, flush=True)

@@ -37,10 +37,12 @@ CONTINUATION_PREFIX = "##"
 
 def task_vocabulary() -> list[str]:
     """The vocabulary in id order: special tokens, task keywords, punctuation, digits,
-    continuation digits, names, grammar words."""
+    continuation digits, names, grammar words; then the tokens of the v2 tasks (keywords,
+    symbols, record keys), appended after every v1 token so that every v1 id is unchanged."""
     from . import TASKS
     from .lists import NAMES
     from .text import GRAMMAR_WORDS
+    from .v2_base import V2_TOKENS
 
     vocab = [
         *SPECIAL_TOKENS,
@@ -50,6 +52,8 @@ def task_vocabulary() -> list[str]:
         *(CONTINUATION_PREFIX + d for d in DIGITS),
         *NAMES,
         *GRAMMAR_WORDS,
+        # ---- v2 tokens: append only, never reorder anything above
+        *V2_TOKENS,
     ]
     if len(set(vocab)) != len(vocab):
         dup = sorted({t for t in vocab if vocab.count(t) > 1})

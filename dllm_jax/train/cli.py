@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from dllm_jax.models import param_shapes
-from dllm_jax.train.config import TrainConfig, bundled_model_config, tiny_model_config
+from dllm_jax.train.config import MODEL_SIZES, TrainConfig, TrainError
 from dllm_jax.train.evaluation import evaluate, format_results
 from dllm_jax.train.loop import train
 
@@ -21,8 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: OUT-ckpt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
-    p.add_argument("--model-size", choices=("bundled", "tiny"), default="bundled",
-                   help="bundled: hidden 256 x 6 layers (~4.6M params); tiny: hidden 64 x 2")
+    p.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="bundled",
+                   help="bundled: hidden 256 x 6 layers, SwiGLU 640 (~4.6M params); bench: "
+                        "SwiGLU 768 (~5M, the v2 benchmark models); tiny: hidden 64 x 2")
+    p.add_argument("--task-set", choices=("v1", "v2"), default="v1",
+                   help="v1: the 14 short-answer tasks; v2: long answers (64-256 tokens)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -36,8 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-size", type=int, default=d.pool_size,
                    help="distinct train instances per task family")
     p.add_argument("--tasks", default="", help="comma-separated task families (default: all)")
-    p.add_argument("--prompt-length", type=int, default=d.prompt_length)
-    p.add_argument("--answer-length", type=int, default=d.answer_length)
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help=f"prompt tokens (default: {d.prompt_length} for v1; for v2 the longest "
+                        f"prompt of the chosen tasks)")
+    p.add_argument("--answer-length", type=int, default=None,
+                   help=f"answer tokens incl. EOS (default: {d.answer_length} for v1; for v2 "
+                        f"the longest answer of the chosen tasks + 1, rounded up to 32s)")
     p.add_argument("--block-diffusion", action="store_true",
                    help="SDAR-style block diffusion (block-causal attention, per-block masks)")
     p.add_argument("--block-size", type=int, default=8, help="block size of --block-diffusion")
@@ -49,16 +56,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after training, score N held-out instances per task (one token per step)")
 
 
+def _lengths(args: argparse.Namespace, tasks: tuple[str, ...]) -> tuple[int, int]:
+    """(prompt_length, answer_length): the flags, else the task set's defaults."""
+    d = TrainConfig()
+    if args.task_set == "v1":
+        return (args.prompt_length or d.prompt_length), (args.answer_length or d.answer_length)
+    from dllm_jax.tasks import TASKS_V2
+
+    unknown = [t for t in tasks if t not in TASKS_V2]
+    if unknown:
+        raise TrainError(f"unknown v2 tasks {unknown}; valid: {', '.join(TASKS_V2)}.")
+    return v2_lengths(tasks, args.prompt_length, args.answer_length)
+
+
+def v2_lengths(tasks: tuple[str, ...] = (), prompt_length: int | None = None,
+               answer_length: int | None = None) -> tuple[int, int]:
+    """Default (prompt_length, answer_length) of v2 training: the longest prompt of the tasks,
+    and the longest answer + EOS rounded up to a multiple of 32 (so that blocks of 4, 8, 16 or
+    32 divide it)."""
+    from dllm_jax.tasks import TASKS_V2
+
+    chosen = [TASKS_V2[t] for t in (tasks or tuple(TASKS_V2))]
+    prompt = prompt_length or max(t.max_prompt_tokens() for t in chosen)
+    answer = answer_length or -(-(1 + max(t.max_answer_tokens() for t in chosen)) // 32) * 32
+    return prompt, answer
+
+
 def run(args: argparse.Namespace) -> int:
     tasks = tuple(t for t in args.tasks.replace(" ", "").split(",") if t)
+    for flag, value in (("--prompt-length", args.prompt_length),
+                        ("--answer-length", args.answer_length)):
+        if value is not None and value <= 0:
+            raise TrainError(f"{flag} must be a positive integer, got {value}.")
+    prompt_length, answer_length = _lengths(args, tasks)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, eps=args.eps,
         ckpt_every=args.ckpt_every, log_every=args.log_every, pool_size=args.pool_size,
-        tasks=tasks, prompt_length=args.prompt_length, answer_length=args.answer_length,
-        block_diffusion=args.block_diffusion, compute_dtype=args.compute_dtype)
-    make = bundled_model_config if args.model_size == "bundled" else tiny_model_config
+        tasks=tasks, prompt_length=prompt_length, answer_length=answer_length,
+        block_diffusion=args.block_diffusion, compute_dtype=args.compute_dtype,
+        task_set=args.task_set)
+    make = MODEL_SIZES[args.model_size]
     model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length,
                      block_size=args.block_size if args.block_diffusion else 0)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(model_cfg)))
@@ -74,10 +113,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved {res.out_dir} ({res.step} steps, {res.seconds:.0f} s)", file=sys.stderr)
     if args.eval > 0:
         results = evaluate(res.params, model_cfg, tasks=cfg.task_names, n=args.eval,
-                           prompt_length=cfg.prompt_length, gen_length=cfg.answer_length)
+                           prompt_length=cfg.prompt_length, gen_length=cfg.answer_length,
+                           task_set=cfg.task_set)
         print(format_results(results))
     return 0
 
 
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "v2_lengths"]

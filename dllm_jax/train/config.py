@@ -35,7 +35,9 @@ class TrainConfig:
         model config with `block_causal` and `block_size`.
       prompt_length, answer_length: fixed layout of a training sequence.
       pool_size: distinct train instances per task family kept on the device.
-      tasks: task families to mix (empty: all of `dllm_jax.tasks.TASKS`).
+      task_set: "v1" (`dllm_jax.tasks.TASKS`, answers up to 32 tokens) or "v2"
+        (`TASKS_V2`, answers of 64-256 tokens); the folder's train_config.json records it.
+      tasks: task families of the set to mix (empty: all of them).
       compute_dtype: 'float32' or 'bfloat16' activations (params and optimiser stay float32).
       attn_impl: attention kernel of the training forward ('xla' is portable and differentiable
         with a mask everywhere).
@@ -60,6 +62,7 @@ class TrainConfig:
     prompt_length: int = 32
     answer_length: int = 32
     pool_size: int = 20000
+    task_set: str = "v1"
     tasks: tuple[str, ...] = ()
     compute_dtype: str = "float32"
     attn_impl: str = "xla"
@@ -81,6 +84,9 @@ class TrainConfig:
             raise TrainError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}.")
         if self.attn_impl not in ("xla", "cudnn", "auto"):
             raise TrainError(f"attn_impl must be 'xla', 'cudnn' or 'auto', got {self.attn_impl!r}.")
+        if self.task_set not in ("v1", "v2"):
+            raise TrainError(f"task_set must be 'v1' or 'v2', got {self.task_set!r}; e.g. "
+                             f"--task-set v2.")
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -103,13 +109,20 @@ class TrainConfig:
         return cls(**d)
 
     @property
-    def task_names(self) -> tuple[str, ...]:
-        from dllm_jax.tasks import TASKS
+    def task_registry(self) -> Mapping[str, Any]:
+        """`{name: Task}` of this run's task set."""
+        from dllm_jax.tasks import TASK_SETS
 
-        names = self.tasks or tuple(TASKS)
-        unknown = [n for n in names if n not in TASKS]
+        return TASK_SETS[self.task_set]
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        registry = self.task_registry
+        names = self.tasks or tuple(registry)
+        unknown = [n for n in names if n not in registry]
         if unknown:
-            raise TrainError(f"unknown tasks {unknown}; valid tasks: {', '.join(TASKS)}.")
+            raise TrainError(f"unknown {self.task_set} tasks {unknown}; valid tasks: "
+                             f"{', '.join(registry)}.")
         return names
 
     @property
@@ -140,6 +153,20 @@ def tiny_model_config(vocab_size: int | None = None, prompt_length: int = 32,
         intermediate_size=128)
 
 
+def bench_model_config(vocab_size: int | None = None, prompt_length: int = 64,
+                       answer_length: int = 257, block_size: int = 0) -> ModelConfig:
+    """The shapes of the v2 benchmark models: LLaDA architecture (bidirectional, or with
+    `block_size` > 0 block-causal as SDAR), ~5M params (hidden 256, 6 layers, 8 heads of 32,
+    SwiGLU 768): as large as a 5-minute H200 run trains and two of them fit the repository
+    in bfloat16 (10 MB each)."""
+    return bundled_model_config(vocab_size, prompt_length, answer_length, block_size).replace(
+        intermediate_size=768)
+
+
+MODEL_SIZES = {"bundled": bundled_model_config, "tiny": tiny_model_config,
+               "bench": bench_model_config}
+
+
 def check_configs(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Refuse model / training configs that do not fit together (plain sentences)."""
     if cfg.seq_length > model_cfg.max_position:
@@ -162,5 +189,5 @@ def check_configs(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
 
 
 
-__all__ = ["TOKENIZER_FILES", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainError",
-           "bundled_model_config", "check_configs", "tiny_model_config"]
+__all__ = ["MODEL_SIZES", "TOKENIZER_FILES", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainError",
+           "bench_model_config", "bundled_model_config", "check_configs", "tiny_model_config"]

@@ -65,13 +65,15 @@ def _mix_shares(task_name: str, n: int) -> list[tuple[dict[str, Any], int]]:
     return [(knobs, share) for (_, knobs), share in zip(mix, shares)]
 
 
-def part_instances(task_name: str, seed: int, part: int, n: int) -> list[Any]:
+def part_instances(task_name: str, seed: int, part: int, n: int, task_set: str = "v1"
+                   ) -> list[Any]:
     """Up to `n` distinct train-split instances of one difficulty part of `TRAIN_MIX` (a pure
     function of its arguments). A small prompt space (e.g. two-digit addition) yields fewer:
-    drawing stops after `4 n + 100` tries."""
-    from dllm_jax.tasks import get_task, split_of
+    drawing stops after `4 n + 100` tries. v2 tasks split by prompt and answer
+    (`tasks.split_of_any`), so no held-out answer is ever trained on."""
+    from dllm_jax.tasks import TASK_SETS, split_of_any
 
-    task = get_task(task_name)
+    task = TASK_SETS[task_set][task_name]
     knobs = task.difficulty(**_mix_shares(task_name, 1)[part][0])
     rng = np.random.default_rng(_task_seed(seed, task_name, part))
     out: list[Any] = []
@@ -80,19 +82,19 @@ def part_instances(task_name: str, seed: int, part: int, n: int) -> list[Any]:
     while len(out) < n and tries < 4 * n + 100:
         tries += 1
         inst = task._sample(rng, **knobs)  # the family's generator; the split is filtered here
-        if inst.prompt in seen or split_of(task_name, inst.prompt) != "train":
+        if inst.prompt in seen or split_of_any(task, inst) != "train":
             continue
         seen.add(inst.prompt)
         out.append(inst)
     return out
 
 
-def task_instances(task_name: str, seed: int, n: int) -> list[Any]:
+def task_instances(task_name: str, seed: int, n: int, task_set: str = "v1") -> list[Any]:
     """About `n` train-split instances of one task, its difficulty parts in the proportions of
     `TRAIN_MIX` (distinct within a part; deterministic in `(task_name, seed, n)`)."""
     out: list[Any] = []
     for part, (_, share) in enumerate(_mix_shares(task_name, n)):
-        out += part_instances(task_name, seed, part, share)
+        out += part_instances(task_name, seed, part, share, task_set)
     return out
 
 
@@ -120,9 +122,9 @@ def encode_instances(instances: Sequence[Any], prompt_length: int, answer_length
     return prompts, answers
 
 
-def _pool_part(args: tuple[str, int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    name, seed, part, n, p, a = args
-    return encode_instances(part_instances(name, seed, part, n), p, a)
+def _pool_part(args: tuple[str, int, int, int, int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+    name, seed, part, n, p, a, task_set = args
+    return encode_instances(part_instances(name, seed, part, n, task_set), p, a)
 
 
 def build_pool(cfg: TrainConfig, workers: int | None = None) -> tuple[DataPool, tuple[str, ...]]:
@@ -132,7 +134,7 @@ def build_pool(cfg: TrainConfig, workers: int | None = None) -> tuple[DataPool, 
     result); default: up to the CPU count when the pool is large, else in this process.
     """
     names = cfg.task_names
-    jobs = [(name, cfg.seed, part, share, cfg.prompt_length, cfg.answer_length)
+    jobs = [(name, cfg.seed, part, share, cfg.prompt_length, cfg.answer_length, cfg.task_set)
             for name in names for part, (_, share) in enumerate(_mix_shares(name, cfg.pool_size))]
     if workers is None:
         workers = min(len(jobs), os.cpu_count() or 1) if cfg.pool_size >= 5000 else 1
@@ -170,7 +172,8 @@ def save_pool(path: str | os.PathLike, pool: tuple[DataPool, tuple[str, ...]],
     for k in ("prompts", "answers"):
         arrays[k] = arrays[k].astype(np.uint8 if small else np.int32)
     key = {"seed": cfg.seed, "pool_size": cfg.pool_size, "tasks": list(names),
-           "prompt_length": cfg.prompt_length, "answer_length": cfg.answer_length}
+           "prompt_length": cfg.prompt_length, "answer_length": cfg.answer_length,
+           "task_set": cfg.task_set}
     np.savez_compressed(path, meta=np.asarray(json.dumps(key)), **arrays)
 
 
@@ -179,7 +182,8 @@ def load_pool(path: str | os.PathLike, cfg: TrainConfig) -> tuple[DataPool, tupl
     with np.load(path) as z:
         key = json.loads(str(z["meta"]))
         want = {"seed": cfg.seed, "pool_size": cfg.pool_size, "tasks": list(cfg.task_names),
-                "prompt_length": cfg.prompt_length, "answer_length": cfg.answer_length}
+                "prompt_length": cfg.prompt_length, "answer_length": cfg.answer_length,
+                "task_set": cfg.task_set}
         if key != want:
             raise TrainError(f"pool file {path} was built for {key}, not {want}; rebuild it.")
         data = DataPool(*(jnp.asarray(z[k].astype(np.int32)) for k in ("prompts", "answers")),

@@ -39,6 +39,7 @@ def evaluate(
     steps: int | None = None,
     controller: str = "low_confidence",
     batch_size: int = 100,
+    task_set: str = "v1",
 ) -> dict[str, dict[str, float]]:
     """Score decodes of held-out (split='test') instances at the default difficulty.
 
@@ -50,15 +51,16 @@ def evaluate(
     from controllers import make_controller
     from dllm_jax.config import GenerateConfig
     from dllm_jax.scoring import decode_and_score, summarize
-    from dllm_jax.tasks import TASKS, get_task
+    from dllm_jax.tasks import TASK_SETS
 
     tok = task_tokenizer()
     gen = GenerateConfig(gen_length=gen_length, block_length=block_length or gen_length,
                          steps=steps or gen_length)
     ctl = make_controller(controller)
     results: dict[str, dict[str, float]] = {}
-    for name in tasks or tuple(TASKS):
-        task = get_task(name)
+    registry = TASK_SETS[task_set]
+    for name in tasks or tuple(registry):
+        task = registry[name]
         insts = task.generate(seed, n, split="test")
         scored = decode_and_score(params, model_cfg, tok, task, insts, gen, ctl,
                                   batch_size=batch_size, width=prompt_length)
@@ -70,11 +72,12 @@ def evaluate(
 
 def format_results(results: Mapping[str, Mapping[str, float]]) -> str:
     """A markdown table of `evaluate` results (percentages)."""
-    from dllm_jax.tasks import TASKS
+    from dllm_jax.tasks import TASKS, TASKS_V2
 
     lines = ["| task | dependency | valid % | exact % | partial % | n |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        dep = TASKS[name].dependency if name in TASKS else "?"
+        task = TASKS.get(name) or TASKS_V2.get(name)
+        dep = task.dependency if task is not None else "?"
         lines.append(f"| {name} | {dep} | {100 * r['valid']:.1f} | {100 * r['exact']:.1f} | "
                      f"{100 * r['partial']:.1f} | {int(r['n'])} |")
     mean = np.mean([r["valid"] for r in results.values()]) if results else float("nan")
