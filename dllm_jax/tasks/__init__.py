@@ -80,9 +80,7 @@ def split_of_any(task: Task, instance: Instance) -> str | None:
     """The split of an instance of a v1 or v2 task: 'train', 'test' or None (v2 only: in no
     split). v1 tasks split by prompt (:func:`split_of`), v2 tasks by
     :meth:`TaskV2.split_of_instance`."""
-    if isinstance(task, TaskV2):
-        return task.split_of_instance(instance)
-    return split_of(task.name, instance.prompt)
+    return task.split_of_instance(instance)
 
 
 def tasks_v2_by_dependency(level: str) -> list[TaskV2]:

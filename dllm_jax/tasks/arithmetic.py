@@ -23,6 +23,14 @@ import numpy as np
 from .base import Instance, Score, Task, words
 
 
+def check_addition_knobs(task: str, digits: int, min_digits: int, operands: int) -> None:
+    """Raise ValueError unless 1 <= min_digits <= digits <= 18 and 2 <= operands <= 9."""
+    if not 1 <= min_digits <= digits <= 18:
+        raise ValueError(f"{task}: need 1 <= min_digits <= digits <= 18, got {min_digits}, {digits}.")
+    if not 2 <= operands <= 9:
+        raise ValueError(f"{task}: operands must be in 2..9, got {operands}.")
+
+
 @dataclass(frozen=True)
 class AdditionTask(Task):
     """Addition of ``operands`` numbers of ``min_digits``..``digits`` digits."""
@@ -31,12 +39,8 @@ class AdditionTask(Task):
     def _defaults(self) -> dict[str, Any]:
         return {"digits": 3, "min_digits": 2, "operands": 2}
 
-    @staticmethod
-    def _check(digits: int, min_digits: int, operands: int) -> None:
-        if not 1 <= min_digits <= digits <= 18:
-            raise ValueError(f"add: need 1 <= min_digits <= digits <= 18, got {min_digits}, {digits}.")
-        if not 2 <= operands <= 9:
-            raise ValueError(f"add: operands must be in 2..9, got {operands}.")
+    def _check(self, digits: int, min_digits: int, operands: int) -> None:
+        check_addition_knobs(self.name, digits, min_digits, operands)
 
     def max_answer_tokens(self, **difficulty: Any) -> int:
         k = self.difficulty(**difficulty)

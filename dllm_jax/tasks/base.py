@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Optional, Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -170,6 +170,11 @@ class Task:
         knobs.update(overrides)
         return knobs
 
+    def split_of_instance(self, instance: Instance) -> Optional[str]:
+        """'train' or 'test' (v1 tasks: :func:`split_of` of the prompt); subclasses may split
+        otherwise and answer None for an instance in neither split."""
+        return split_of(self.name, instance.prompt)
+
     def generate(self, rng_or_seed: RngOrSeed, n: int, split: str = "train", **difficulty: Any) -> list[Instance]:
         """``n`` distinct instances of ``split``, deterministic for an int seed.
 
@@ -201,7 +206,7 @@ class Task:
                 )
             tries += 1
             inst = self._sample(rng, **knobs)
-            if inst.prompt in seen or split_of(self.name, inst.prompt) != split:
+            if inst.prompt in seen or self.split_of_instance(inst) != split:
                 continue
             seen.add(inst.prompt)
             out.append(inst)

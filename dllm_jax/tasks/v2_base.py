@@ -102,40 +102,6 @@ class TaskV2(Task):
         """'train', 'test' or None (see :func:`split_of_v2`); use it to filter ``_sample``."""
         return split_of_v2(self.name, instance.prompt, instance.answer, self.unique_answer)
 
-    def generate(self, rng_or_seed: RngOrSeed, n: int, split: str = "train", **difficulty: Any) -> list[Instance]:
-        """``n`` instances of ``split`` with distinct prompts, deterministic for an int seed.
-
-        As :meth:`Task.generate`, but an instance belongs to the split given by
-        :meth:`split_of_instance`, so no test instance shares a prompt or an answer text with
-        any train instance.
-
-        Raises:
-            ValueError: bad split / knob, or too few distinct instances of the split found.
-        """
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}.")
-        knobs = self.difficulty(**difficulty)
-        rng = make_rng(rng_or_seed)
-        out: list[Instance] = []
-        seen: set[str] = set()
-        budget = 200 * n + 2000
-        tries = 0
-        while len(out) < n:
-            if tries >= budget:
-                raise ValueError(
-                    f"Task {self.name!r}: found only {len(out)} distinct {split} instances of {n} requested "
-                    f"after {tries} draws at difficulty {knobs}; ask for fewer or raise the difficulty."
-                )
-            tries += 1
-            inst = self._sample(rng, **knobs)
-            if inst.prompt in seen or self.split_of_instance(inst) != split:
-                continue
-            seen.add(inst.prompt)
-            out.append(inst)
-        return out
-
 
 # ---------------------------------------------------------------------------- helpers
 

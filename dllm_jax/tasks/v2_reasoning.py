@@ -43,6 +43,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .arithmetic import check_addition_knobs
 from .base import Instance, Score, positional_partial, words
 from .v2_base import TaskV2, column_addition, column_addition_max_tokens, count_tokens, digits_lsb, number_tokens
 
@@ -71,12 +72,8 @@ class AddStepsTask(TaskV2):
     def _defaults(self) -> dict[str, Any]:
         return {"digits": 10, "min_digits": 10, "operands": 2}
 
-    @staticmethod
-    def _check(digits: int, min_digits: int, operands: int) -> None:
-        if not 1 <= min_digits <= digits <= 18:
-            raise ValueError(f"add_steps: need 1 <= min_digits <= digits <= 18, got {min_digits}, {digits}.")
-        if not 2 <= operands <= 9:
-            raise ValueError(f"add_steps: operands must be in 2..9, got {operands}.")
+    def _check(self, digits: int, min_digits: int, operands: int) -> None:
+        check_addition_knobs(self.name, digits, min_digits, operands)
 
     def max_answer_tokens(self, **difficulty: Any) -> int:
         k = self.difficulty(**difficulty)
