@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train the two v2 benchmark models side by side on one GPU (an LLaDA-style bidirectional one
+# and an SDAR-style block-causal one, block 4), then run `dllm-jax bench quality` on both,
+# side by side, under a time budget. One device call:
+#   bash benchmarks/gpu_v2_models.sh OUT TRAIN_SECONDS BENCH_SECONDS
+# Needs the training pool built beforehand on a CPU:
+#   PYTHONPATH=. python benchmarks/train_bundled.py --out /tmp/p --task-set v2 \
+#       --model-size bench --pool-size 20000 --save-pool .pool/v2-20k.npz
+set -uo pipefail
+out=${1:?OUT}; train_s=${2:-240}; bench_s=${3:-150}
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
+settings="llada k=1,threshold 0.9,ce,threshold 0.9 dual,ce dual,llada k=2,threshold 0.7,threshold 0.95,r2,factor 1.0,dream maskgit_plus k=2,threshold 0.8,llada k=4,threshold 0.5,threshold 0.99,r2 dual,llada k=1 dual"
+train() {  # name, extra flags
+  python benchmarks/train_bundled.py --out "$out/$1" --task-set v2 --model-size bench \
+    --budget "$train_s" --pool-file .pool/v2-20k.npz --pool-size 20000 --batch-size 512 \
+    --lr 1.5e-3 --log-every 100 --save-dtype bfloat16 --eval-n 0 --ckpt-dir "/tmp/ckpt-$1" "${@:2}" \
+    > "$out/$1/log" 2>&1
+}
+bench() {  # name
+  mkdir -p "/tmp/m-$1" && tar -xf "$out/$1/model.tar" -C "/tmp/m-$1" &&
+  python -m dllm_jax.cli bench quality --model "/tmp/m-$1/model" --n 500 --batch-size 2750 \
+    --settings "$settings" --time-budget "$bench_s" --json "$out/$1/quality.json" \
+    >> "$out/$1/log" 2>&1
+}
+mkdir -p "$out/llada" "$out/sdar"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+train llada & train sdar --block-size 4 & wait
+bench llada & bench sdar & wait
+for m in llada sdar; do
+  echo "== $m"; grep -E "compile\+chunk|trained|stopped|not run|Error|error" "$out/$m/log" | cut -c1-300
+done
