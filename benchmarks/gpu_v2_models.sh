@@ -9,7 +9,7 @@
 set -uo pipefail
 out=${1:?OUT}; train_s=${2:-240}; bench_s=${3:-150}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
-settings="llada k=1,threshold 0.9,ce,threshold 0.9 dual,ce dual,llada k=2,threshold 0.7,threshold 0.95,r2,factor 1.0,dream maskgit_plus k=2,threshold 0.8,llada k=4,threshold 0.5,threshold 0.99,r2 dual,llada k=1 dual"
+settings="llada k=1,threshold 0.9,ce,threshold 0.9 dual,ce dual,llada k=2,threshold 0.7,threshold 0.95,r2,factor 1.0,dream maskgit_plus k=2,threshold 0.8,llada k=4,threshold 0.5,threshold 0.99,llada k=1 dual"
 train() {  # name, extra flags
   python benchmarks/train_bundled.py --out "$out/$1" --task-set v2 --model-size bench \
     --budget "$train_s" --pool-file .pool/v2-20k.npz --pool-size 20000 --batch-size 512 \
