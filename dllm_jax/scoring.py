@@ -9,6 +9,9 @@ a setting compiles once), decode with `decode.generate`, cut each answer at EOS
     from dllm_jax.scoring import decode_and_score, summarize
     scored = decode_and_score(params, cfg, tok, get_task("sort"), insts, gen, ctrl, batch_size=64)
     summarize(scored)   # {"valid": 0.93, "exact": 0.93, "partial": 0.97, "nfe": 32.0, "n": 100}
+
+`decode_and_score_mixed` does the same for (task, instance) pairs of several tasks in one
+batch stream (one prompt width, so one compile for all of them).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ class Scored:
       nfe: forward passes the decode spent on this row.
       ids: the answer ids before the first EOS.
       text: their text (special tokens dropped), what the task scored.
+      row: every answer position as decoded, `gen_length` ids (EOS padding included), for
+        metrics that look past the first EOS (content tokens, `dllm_jax.bench.stats`).
     """
 
     score: Score
     nfe: int
     ids: list[int]
     text: str
+    row: tuple[int, ...] = ()
 
 
 def prompt_width(tokenizer: Any, instances: Sequence[Instance]) -> int:
@@ -69,13 +75,27 @@ def decode_and_score(params: Any, cfg: ModelConfig, tokenizer: Any, task: Task,
     Returns:
       one Scored per instance, in order.
     """
+    return decode_and_score_mixed(params, cfg, tokenizer, [(task, x) for x in instances], gen,
+                                  controller, batch_size=batch_size, width=width, key=key)
+
+
+def decode_and_score_mixed(params: Any, cfg: ModelConfig, tokenizer: Any,
+                           items: Sequence[tuple[Task, Instance]], gen: GenerateConfig,
+                           controller: Any, *, batch_size: int, width: int | None = None,
+                           key: Any = None) -> list[Scored]:
+    """`decode_and_score` over (task, instance) pairs that may belong to different tasks:
+    rows of several tasks share each `generate` call, each answer is scored by its own task.
+
+    Every call gets `[min(batch_size, len(items)), width]` prompt ids, so all calls share one
+    compile. Returns one Scored per item, in order (see `decode_and_score` for the args).
+    """
     from dllm_jax.decode import generate
 
-    if not instances:
+    if not items:
         return []
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    seqs = [tokenizer.encode(x.prompt) for x in instances]
+    seqs = [tokenizer.encode(inst.prompt) for _, inst in items]
     width = max(len(s) for s in seqs) if width is None else int(width)
     rows = min(int(batch_size), len(seqs))
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
@@ -86,10 +106,11 @@ def decode_and_score(params: Any, cfg: ModelConfig, tokenizer: Any, task: Task,
         res = generate(params, cfg, ids, gen, controller, prompt_valid=valid, key=key)
         tokens = np.asarray(res.tokens)[:len(chunk)]                     # [k, gen_length]
         nfes = np.asarray(res.stats.nfe)[:len(chunk)]                    # [k]
-        for inst, row, nfe in zip(instances[start:start + rows], tokens, nfes):
+        for (task, inst), row, nfe in zip(items[start:start + rows], tokens, nfes):
             answer = cut_at_eos(row, eos)
             text = tokenizer.decode(answer, skip_special_tokens=True)
-            out.append(Scored(task.score(inst, text), int(nfe), answer, text))
+            out.append(Scored(task.score(inst, text), int(nfe), answer, text,
+                              tuple(int(t) for t in row)))
     return out
 
 
@@ -105,4 +126,5 @@ def summarize(scored: Sequence[Scored]) -> dict[str, float]:
             "nfe": statistics.fmean(s.nfe for s in scored), "n": len(scored)}
 
 
-__all__ = ["DEFAULT_ANSWER_LENGTH", "Scored", "decode_and_score", "prompt_width", "summarize"]
+__all__ = ["DEFAULT_ANSWER_LENGTH", "Scored", "decode_and_score", "decode_and_score_mixed",
+           "prompt_width", "summarize"]

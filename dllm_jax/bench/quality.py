@@ -1,292 +1,246 @@
 """Quality against parallelism: task accuracy vs. forward passes, per task and controller.
 
-    dllm-jax bench quality [--model DIR] [--tasks a,b] [--n 100] [--out FILE.md] [--plot FILE.png]
+    dllm-jax bench quality [--model DIR] [--task-set v1|v2] [--tasks a,b] [--n 500] [--seed S]
+        [--settings LABELS|FAMILIES] [--cache none|dual] [--json F.json] [--out F.md]
+        [--plot F.png] [--batch-size N] [--time-budget SECONDS] [--quick]
 
-For every task (held-out `split='test'` instances) and every controller setting, decode all
-instances and score them with the task's exact scorer. Reported per (task, setting):
-accuracy (valid answers, %), exact match with the reference (%), mean partial credit, mean NFE
-per instance and tokens per forward (answer tokens / NFE, counting the EOS padding as the
-decode does). ParallelBench's finding is the "dependency cliff": tasks whose answer tokens
-depend on each other lose accuracy as more tokens are committed per step.
+For every task (held-out `split='test'` instances) and every controller setting
+(`bench.settings`: every family of issue 12 item 6, in priority order), decode all instances
+and score them with the task's exact scorer. One record per (task, setting) (`bench.measure`):
+accuracy (fraction of valid answers) with its Wilson 95 % interval, mean NFE per answer,
+content tokens per forward (total content / total NFE: EOS padding after the first EOS is not
+counted) and the content fraction of the answer positions. Tables (`bench.report`): overall,
+per dependency level, the issue's target table (NFE saved vs threshold 0.9, accuracy
+difference, worst high-dependency drop vs one token per step) and per task; `--plot`: the
+accuracy-vs-NFE Pareto plot with interval bars.
+
+Task set: the model folder's `train_config.json` (`train.task_set`, 'v1' when absent) unless
+`--task-set` says otherwise. Decode layout: every setting decodes the same shape, one prompt
+width for all tasks, so each setting compiles once. v1 (answers <= 32 tokens): one block of
+the answer length (as the v1 bench did). v2 (answers of 64-256 tokens): semi-autoregressive
+blocks of 32 (as LLaDA decodes long answers), or the model's block size for a block-diffusion
+(SDAR-style) model; the answer length is the model's (train_config) when a multiple of the
+block, else the longest answer of the chosen tasks + EOS rounded up to the block.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import os
-import statistics
 import sys
-import tempfile
-from typing import Any, Iterable, Sequence
+import time
+from typing import Any, Mapping
 
+from dllm_jax.bench.measure import Layout, evaluate, make_instances
+from dllm_jax.bench.report import atomic_write_text, markdown, plot, records_json
+from dllm_jax.bench.settings import QUICK, all_settings, dedupe, select
 from dllm_jax.config import ConfigError
 
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One controller setting: a label, a controller name + kwargs, and the step budget as a
-    fraction of the answer length (1 = one token per step for fixed schedules)."""
-
-    label: str
-    family: str
-    controller: str
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    steps_divisor: int = 1
-    cache: str = "none"
+#: Block length of v2 decodes for a bidirectional model (tokens).
+V2_BLOCK = 32
+DEFAULT_N = 500
 
 
-def default_settings() -> list[Setting]:
-    """LLaDA fixed k = 1, 2, 4, 8 tokens per step; Fast-dLLM threshold 0.5..0.95 and factor;
-    Dream's orders at two tokens per step."""
-    out = [Setting(f"llada k={k}", "llada fixed k", "low_confidence", (), k) for k in (1, 2, 4, 8)]
-    out += [Setting(f"threshold {t}", "fast-dllm threshold", "threshold", (("threshold", t),))
-            for t in (0.5, 0.7, 0.8, 0.9, 0.95)]
-    out += [Setting(f"factor {f}", "fast-dllm factor", "factor", (("factor", f),))
-            for f in (0.5, 1.0, 2.0)]
-    out += [Setting(f"dream {a} k=2", "dream orders", a, (), 2)
-            for a in ("maskgit_plus", "topk_margin", "entropy")]
-    return out
+def check_outputs(json_path: str | None, out_path: str | None, plot_path: str | None) -> None:
+    """Refuse, before any work, output paths that cannot be written (one sentence naming the
+    flag): a missing or unwritable parent folder, a path that is a folder, and --plot without
+    matplotlib."""
+    for flag, path in (("--json", json_path), ("--out", out_path), ("--plot", plot_path)):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"{flag} {path}: the folder {parent} does not exist; create it or "
+                              f"choose another path.")
+        if os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a folder; give a file name.")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"{flag} {path}: the folder {parent} is not writable.")
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib, which is not installed; `pip install "
+                          "matplotlib` or drop --plot.")
 
 
-def trajectory_settings() -> list[Setting]:
-    """Issue 6's controllers: R2, CE on top of the threshold rule, TSPD alone (fitted without
-    the CE forecast, `tspd_noce.json`) and TSPD + CE (`tspd.json`), each at several settings.
-    TSPD files are read from the model folder."""
-    out = [Setting(f"r2 t={t}", "r2", "r2", (("threshold", t),)) for t in (0.7, 0.9)]
-    out += [Setting(f"ce t={t}", "ce (threshold + forecast)", "ce", (("threshold", t),))
-            for t in (0.5, 0.7, 0.9)]
-    out += [Setting(f"tspd tau={tau}", "tspd alone", "tspd",
-                    (("tspd_file", "tspd_noce.json"), ("tau", tau))) for tau in (0.5, 0.7, 0.9)]
-    out += [Setting(f"tspd+ce tau={tau}", "tspd + ce", "tspd",
-                    (("tspd_file", "tspd.json"), ("tau", tau))) for tau in (0.5, 0.7, 0.9)]
-    return out
+def task_set_of(flag: str | None, train_config: Mapping[str, Any] | None) -> str:
+    """The task set: the flag, else the model's `train.task_set`, else 'v1'."""
+    if flag is not None:
+        return flag
+    train = (train_config or {}).get("train", {})
+    return str(train.get("task_set", "v1"))
 
 
-def _controller_kwargs(st: Setting, model_dir: str | None) -> dict[str, Any]:
-    kw = dict(st.kwargs)
-    if "tspd_file" in kw:
-        if model_dir is None:
-            raise ConfigError(f"{st.label} reads fitted TSPD parameters from the model folder; "
-                              f"pass model_dir.")
-        kw["tspd"] = os.path.join(model_dir, kw.pop("tspd_file"))
-    return kw
+def choose_tasks(task_set: str, spec: str | None, train_config: Mapping[str, Any] | None
+                 ) -> dict[str, Any]:
+    """name -> Task: `spec` (comma-separated names), else the tasks the model was trained on
+    (`train.tasks`) when they belong to the set, else the whole set."""
+    from dllm_jax.tasks import TASK_SETS
+
+    registry = TASK_SETS[task_set]
+    if spec is not None:
+        names = [t.strip() for t in spec.split(",") if t.strip()]
+        unknown = [t for t in names if t not in registry]
+        if unknown or not names:
+            raise ConfigError(f"unknown tasks {unknown} in --tasks for task set {task_set}; "
+                              f"valid: {', '.join(registry)}.")
+    else:
+        trained = list((train_config or {}).get("train", {}).get("tasks", []) or [])
+        names = trained if trained and all(t in registry for t in trained) else list(registry)
+    return {n: registry[n] for n in dict.fromkeys(names)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    task: str
-    dependency: str
-    setting: str
-    family: str
-    n: int
-    accuracy: float
-    exact: float
-    partial: float
-    nfe: float
-    tokens_per_forward: float
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
-def evaluate(params: Any, cfg: Any, tokenizer: Any, task_names: Sequence[str],
-             settings: Sequence[Setting], n: int = 100, gen_length: int = 32,
-             batch_size: int = 64, seed: int = 1234, log: Any = None,
-             model_dir: str | None = None) -> list[Row]:
-    """Decode `n` held-out instances of each task under each setting and score them
-    (`scoring.decode_and_score`).
+def choose_layout(task_set: str, tasks: Mapping[str, Any], width: int, cfg: Any,
+                  answer_length: int | None, gen_flag: int | None = None,
+                  block_flag: int | None = None) -> tuple[Layout, list[str]]:
+    """The decode shape of the run (see the module docstring) and notes on the choice.
 
     Args:
-      params, cfg: the model. tokenizer: `dllm_jax.tokenizer.Tokenizer` of the model.
-      gen_length: answer length (must be what the model was trained with; answers are
-        padded with EOS up to it). Must be divisible by every setting's steps_divisor.
-      batch_size: rows per decode call.
-      model_dir: the model folder (where TSPD settings read their fitted parameters).
-    Returns: one Row per (task, setting).
+      width: the longest prompt over the chosen tasks' instances (tokens).
+      cfg: the model's ModelConfig (max_position, block_causal, block_size).
+      answer_length: the model's training answer length (train_config), or None.
+      gen_flag, block_flag: --gen-length / --block-length (None: chosen here).
+    Raises ConfigError (naming the flag) when the answers or the prompt + answer do not fit.
     """
-    from controllers import make_controller
-    from dllm_jax.config import GenerateConfig
-    from dllm_jax.scoring import decode_and_score, prompt_width, summarize
-    from dllm_jax.tasks import get_task
+    from dllm_jax.scoring import DEFAULT_ANSWER_LENGTH
 
-    rows: list[Row] = []
-    instances = {name: get_task(name).generate(seed, n, split="test") for name in task_names}
-    # One prompt width for every task, so that each setting compiles once.
-    width = max(prompt_width(tokenizer, insts) for insts in instances.values())
-    for name in task_names:
-        task, insts = get_task(name), instances[name]
-        for st in settings:
-            if gen_length % st.steps_divisor:
-                raise ConfigError(f"gen_length {gen_length} is not divisible by {st.steps_divisor} "
-                                  f"({st.label}); choose a gen_length that is.")
-            gen = GenerateConfig(gen_length=gen_length, block_length=gen_length,
-                                 steps=gen_length // st.steps_divisor, cache=st.cache)
-            ctrl = make_controller(st.controller, **_controller_kwargs(st, model_dir))
-            scored = decode_and_score(params, cfg, tokenizer, task, insts, gen, ctrl,
-                                      batch_size=batch_size, width=width)
-            m = summarize(scored)
-            rows.append(Row(task=name, dependency=task.dependency, setting=st.label,
-                            family=st.family, n=m["n"], accuracy=100.0 * m["valid"],
-                            exact=100.0 * m["exact"], partial=m["partial"], nfe=m["nfe"],
-                            tokens_per_forward=gen_length / m["nfe"]))
-            if log is not None:
-                r = rows[-1]
-                print(f"  {name:18s} {st.label:22s} acc {r.accuracy:5.1f}%  nfe {r.nfe:5.1f}",
-                      file=log, flush=True)
-    return rows
-
-
-def format_table(rows: Iterable[Row]) -> str:
-    """Markdown table: one line per (task, setting)."""
-    lines = ["| task | dependency | setting | n | accuracy % | exact % | partial | mean NFE | tokens/forward |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.task} | {r.dependency} | {r.setting} | {r.n} | {r.accuracy:.1f} | "
-                     f"{r.exact:.1f} | {r.partial:.3f} | {r.nfe:.1f} | {r.tokens_per_forward:.2f} |")
-    return "\n".join(lines)
-
-
-def summary_by_dependency(rows: Sequence[Row]) -> str:
-    """Mean accuracy per dependency level and setting: the dependency cliff at a glance."""
-    levels = sorted({r.dependency for r in rows}, key=["low", "medium", "high"].index)
-    settings = list(dict.fromkeys(r.setting for r in rows))
-    head = "| setting | mean NFE | " + " | ".join(f"{lv} dep. acc %" for lv in levels) + " |"
-    lines = [head, "|---|---|" + "---|" * len(levels)]
-    for s in settings:
-        sel = [r for r in rows if r.setting == s]
-        accs = []
-        for lv in levels:
-            v = [r.accuracy for r in sel if r.dependency == lv]
-            accs.append(f"{statistics.fmean(v):.1f}" if v else "-")
-        lines.append(f"| {s} | {statistics.fmean(r.nfe for r in sel):.1f} | " + " | ".join(accs) + " |")
-    return "\n".join(lines)
-
-
-def tspd_targets(rows: Sequence[Row], reference: str = "llada k=1",
-                 baseline: str = "threshold 0.9") -> str:
-    """For every TSPD + CE setting: mean accuracy and NFE against the threshold-0.9 baseline
-    (target: same mean accuracy with >= 30% fewer NFE) and the largest accuracy drop against
-    one token per step on a high-dependency task (target: <= 2 points)."""
-    def mean(setting: str, field: str, tasks: Sequence[str] | None = None) -> float:
-        v = [getattr(r, field) for r in rows if r.setting == setting
-             and (tasks is None or r.task in tasks)]
-        return statistics.fmean(v) if v else float("nan")
-
-    settings = [s for s in dict.fromkeys(r.setting for r in rows) if s.startswith("tspd")]
-    if not settings or baseline not in {r.setting for r in rows}:
-        return "(no TSPD or baseline rows)"
-    high = sorted({r.task for r in rows if r.dependency == "high"})
-    acc0, nfe0 = mean(baseline, "accuracy"), mean(baseline, "nfe")
-    lines = [f"Baseline {baseline}: mean accuracy {acc0:.1f}%, mean NFE {nfe0:.2f}.", "",
-             "| setting | mean accuracy % | mean NFE | NFE saved vs baseline | accuracy >= baseline | "
-             "worst high-dep. drop vs k=1 (points) | targets met |",
-             "|---|---|---|---|---|---|---|"]
-    for s in settings:
-        acc, nfe = mean(s, "accuracy"), mean(s, "nfe")
-        saved = 1.0 - nfe / nfe0
-        drops = [mean(reference, "accuracy", [t]) - mean(s, "accuracy", [t]) for t in high]
-        worst = max(drops) if drops else float("nan")
-        ok = acc >= acc0 - 1e-9 and saved >= 0.30 and worst <= 2.0
-        lines.append(f"| {s} | {acc:.1f} | {nfe:.2f} | {saved * 100:.1f}% | "
-                     f"{'yes' if acc >= acc0 - 1e-9 else 'no'} | {worst:.1f} | "
-                     f"{'yes' if ok else 'no'} |")
-    return "\n".join(lines)
-
-
-def plot(rows: Sequence[Row], path: str) -> None:
-    """Accuracy vs mean NFE, one panel per task, one line per controller family (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r.task for r in rows))
-    cols = 4
-    nrows = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
-    families = list(dict.fromkeys(r.family for r in rows))
-    for ax, task in zip(axes.flat, tasks):
-        for fam in families:
-            sel = sorted((r for r in rows if r.task == task and r.family == fam), key=lambda r: r.nfe)
-            if sel:
-                ax.plot([r.nfe for r in sel], [r.accuracy for r in sel], marker="o", label=fam)
-        dep = next(r.dependency for r in rows if r.task == task)
-        ax.set_title(f"{task} ({dep} dependency)", fontsize=9)
-        ax.set_xlabel("mean NFE")
-        ax.set_ylabel("accuracy %")
-        ax.set_ylim(-2, 102)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(families), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-
-
-def _atomic_savefig(fig: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.chmod(tmp, 0o644)                 # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    notes: list[str] = []
+    needed = 1 + max(t.max_answer_tokens() for t in tasks.values())   # + the EOS
+    block = block_flag
+    if block is None and getattr(cfg, "block_causal", False) and cfg.block_size > 0:
+        block = int(cfg.block_size)
+    if task_set == "v1":
+        gen = gen_flag or answer_length or DEFAULT_ANSWER_LENGTH
+        block = block or gen
+    else:
+        block = block or V2_BLOCK
+        gen = gen_flag
+        if gen is None:
+            if answer_length and answer_length % block == 0 and answer_length >= needed:
+                gen = answer_length
+            else:
+                gen = _round_up(needed, block)
+                if answer_length:
+                    notes.append(f"answer length {gen} (the model's {answer_length} is not a "
+                                 f"multiple of the block length {block}).")
+    if gen % block:
+        raise ConfigError(f"--gen-length {gen} is not a multiple of the block length {block}; "
+                          f"e.g. --gen-length {_round_up(gen, block)}.")
+    if gen < needed:
+        raise ConfigError(f"--gen-length {gen} is too short: the chosen tasks' answers need up "
+                          f"to {needed} tokens (with the EOS); e.g. --gen-length "
+                          f"{_round_up(needed, block)}.")
+    if width + gen > cfg.max_position:
+        raise ConfigError(f"prompts of {width} + answers of {gen} tokens exceed the model's "
+                          f"maximum length {cfg.max_position}; choose fewer --tasks or a "
+                          f"smaller --gen-length.")
+    return Layout(width=width, gen_length=gen, block_length=block), notes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--task-set", choices=("v1", "v2"), default=None,
+                   help="task set (default: the model's train_config.json, else v1)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of "
+                                                 "the set the model was trained on)")
     p.add_argument("--settings", default=None,
-                   help="comma-separated setting labels to run (default: all)")
-    p.add_argument("--n", type=int, default=100, help="held-out instances per task")
+                   help="comma-separated setting labels or families, run in this order "
+                        "(default: all, in priority order)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default=None,
+                   help="KV cache of every setting without its own (label suffix ' dual')")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"held-out instances per task (default {DEFAULT_N})")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out instances")
     p.add_argument("--gen-length", type=int, default=None,
-                   help="answer length (default: the model's train_config.json, else 32)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1234)
+                   help="answer positions (default: v1 the model's answer length; v2 the "
+                        "model's when a multiple of the block, else the longest answer + EOS "
+                        "rounded up to the block)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="block length (default: v1 one block; v2 32 or the model's block size)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="rows per decode call (all tasks share the calls)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new setting after this many seconds; write what was measured")
+    p.add_argument("--quick", action="store_true",
+                   help="a few tasks, small n, a few settings and a 420 s time budget (< 10 "
+                        "min on a 2-core CPU); explicit flags override")
+    p.add_argument("--json", default=None, help="write one record per (task, setting) here")
     p.add_argument("--out", default=None, help="write the markdown tables here")
-    p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here")
+    p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here "
+                                                "(needs matplotlib)")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size),
+                        ("--gen-length", args.gen_length), ("--block-length", args.block_length)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}.")
+    if args.time_budget is not None and args.time_budget < 0:
+        raise ConfigError(f"--time-budget must be >= 0 seconds, got {args.time_budget}.")
 
 
 def run(args: argparse.Namespace) -> int:
     from dllm_jax import session
-    from dllm_jax.scoring import DEFAULT_ANSWER_LENGTH
-    from dllm_jax.tasks import TASKS
+    from dllm_jax.scoring import prompt_width
 
-    model_dir = session.resolve_model_dir(args.model)   # fail fast, before any work
-    names = list(TASKS) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}.")
-    settings = default_settings() + trajectory_settings()
-    if args.settings is not None:
-        wanted = [s.strip() for s in args.settings.split(",")]
-        missing = [w for w in wanted if w not in {s.label for s in settings}]
-        if missing:
-            raise ConfigError(f"unknown settings {missing}; valid: {', '.join(s.label for s in settings)}.")
-        settings = [s for s in settings if s.label in wanted]
-    if args.n <= 0:
-        raise ConfigError(f"--n must be positive, got {args.n}.")
-    model = session.load(model_dir, layout="stacked")
-    gen_length = args.gen_length or model.answer_length or DEFAULT_ANSWER_LENGTH
-    rows = evaluate(model.params, model.cfg, model.require_tokenizer(), names, settings,
-                    n=args.n, gen_length=gen_length, batch_size=args.batch_size, seed=args.seed,
-                    log=sys.stderr, model_dir=str(model.model_dir))
-    text = (f"### Per task\n\n{format_table(rows)}\n\n### Mean accuracy by dependency level\n\n"
-            f"{summary_by_dependency(rows)}\n\n### Issue 6 targets\n\n{tspd_targets(rows)}\n")
+    t_start = time.monotonic()
+    check_outputs(args.json, args.out, args.plot)          # fail fast, before any work
+    _check_numbers(args)
+    model_dir = session.resolve_model_dir(args.model)
+    train_config = session.read_train_config(model_dir)
+    task_set = task_set_of(args.task_set, train_config)
+    quick = QUICK[task_set] if args.quick else None
+    tasks = choose_tasks(task_set, args.tasks if args.tasks is not None or quick is None
+                         else ",".join(quick.tasks), train_config)
+    spec = args.settings if args.settings is not None or quick is None else ",".join(quick.settings)
+    settings = dedupe(s.with_run_cache(args.cache) for s in select(all_settings(), spec))
+    n = args.n or (quick.n if quick is not None else DEFAULT_N)
+
+    instances = make_instances(tasks, n, args.seed)
+    model = session.load(model_dir)
+    tok = model.require_tokenizer()
+    width = max(prompt_width(tok, insts) for insts in instances.values())
+    layout, notes = choose_layout(task_set, tasks, width, model.cfg, model.answer_length,
+                                  args.gen_length, args.block_length)
+    trained_set = task_set_of(None, train_config)
+    if train_config is not None and trained_set != task_set:
+        notes.append(f"the model was trained on task set {trained_set}, not {task_set}.")
+    log = sys.stderr
+    print(f"bench quality: {model.model_dir}, task set {task_set}, {len(tasks)} tasks x {n}, "
+          f"{len(settings)} settings, answer {layout.gen_length} in blocks of "
+          f"{layout.block_length}, prompt width {layout.width}", file=log, flush=True)
+    total_budget = args.time_budget
+    if total_budget is None and quick is not None:
+        total_budget = quick.time_budget
+    budget = None
+    if total_budget is not None:
+        budget = max(0.0, total_budget - (time.monotonic() - t_start))
+    res = evaluate(model.params, model.cfg, tok, tasks, instances, settings, layout,
+                   batch_size=args.batch_size, model_dir=model.model_dir, time_budget=budget,
+                   log=log)
+    header = [f"Model `{model.model_dir.name}`, task set {task_set}, {n} held-out instances per "
+              f"task (seed {args.seed}), answer {layout.gen_length} positions in blocks of "
+              f"{layout.block_length}; accuracy = valid answers with Wilson 95 % intervals; "
+              f"content tokens = positions up to and including the first EOS; "
+              f"wall time {time.monotonic() - t_start:.0f} s."]
+    header += [f"- note: {x}" for x in notes]
+    header += [f"- skipped: {x}" for x in res.skipped]
+    if res.not_run:
+        header.append(f"- not run (time budget {total_budget:.0f} s spent): "
+                      f"{', '.join(res.not_run)}")
+    text = markdown(res.records, header, res.seconds)
     print(text)
+    if args.json:
+        atomic_write_text(args.json, records_json(res.records))
     if args.out:
         atomic_write_text(args.out, text)
-    if args.plot:
-        plot(rows, args.plot)
+    if args.plot and res.records:
+        plot(res.records, args.plot)
     return 0
+
+
+__all__ = ["DEFAULT_N", "V2_BLOCK", "add_arguments", "check_outputs", "choose_layout",
+           "choose_tasks", "run", "task_set_of"]
