@@ -1,5 +1,8 @@
-"""R2 rules: spatial and temporal redundancy reduction (our design after R2-dLLM,
-arXiv 2604.18995, training-free part; see shared/SPEC.md "Our controllers").
+"""`r2_centred`: our earlier design after R2-dLLM's abstract (arXiv 2604.18995), kept beside
+the authors' rules (`controllers/r2.py`, name `r2`) so that the two can be measured side by
+side. It differs from upstream in every rule but a temporal streak: a centred, clipped
+neighbour window scored per token instead of upstream's window sweep, no token-cluster rule,
+and a union with (instead of additions on top of) the threshold rule.
 
 Spatial rule. A masked token's score aggregates the confidence of the window of w positions
 on each side (itself included) inside the active block:
@@ -58,7 +61,7 @@ def spatial_score(confidence: jax.Array, masked: jax.Array, window: int, agg: st
 
 
 @struct.dataclass
-class R2:
+class R2Centred:
     """Spatial + temporal rules (see the module doc).
 
     threshold: commit threshold on the spatial score (on confidence when spatial=False).
@@ -105,10 +108,10 @@ class R2:
         return at_least_one(commit, score, feats.masked), state
 
 
-@register("r2")
+@register("r2_centred")
 @dataclasses.dataclass(frozen=True)
-class R2Options(ControllerOptions):
-    """R2: spatial neighbour aggregation of confidence plus temporal stability."""
+class R2CentredOptions(ControllerOptions):
+    """R2, centred variant: neighbour-aggregated confidence plus temporal stability."""
 
     threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
     window: int = option(1, "R2: neighbours on each side in the spatial score, >= 0")
@@ -128,10 +131,10 @@ class R2Options(ControllerOptions):
         require(0.0 <= self.temporal_floor <= 1.0, "temporal_floor", "in [0, 1]",
                 self.temporal_floor, 0.7)
 
-    def build(self, name: str) -> R2:
-        return R2(threshold=self.threshold, window=self.window, agg=self.agg, floor=self.floor,
+    def build(self, name: str) -> R2Centred:
+        return R2Centred(threshold=self.threshold, window=self.window, agg=self.agg, floor=self.floor,
                   k=self.k, temporal_floor=self.temporal_floor, spatial=self.spatial,
                   temporal=self.temporal)
 
 
-__all__ = ["R2", "R2Options", "R2_AGGS", "spatial_score"]
+__all__ = ["R2Centred", "R2CentredOptions", "R2_AGGS", "spatial_score"]

@@ -151,27 +151,34 @@ class CachedTorchLLaDA(TorchLLaDA):
         return logits, present
 
 
-def _select(logits: torch.Tensor, mask_index: np.ndarray, x: np.ndarray,
-            num_transfer: Optional[np.ndarray], threshold: Optional[float],
-            factor: Optional[float], suppress: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """`get_transfer_index` (factor None) / `get_transfer_index_dynamic`, greedy,
-    low_confidence. Returns (x0 [B, L], transfer [B, L] bool)."""
+def _suppressed(logits: torch.Tensor, suppress: Sequence[int]) -> np.ndarray:
+    """float64 numpy logits with the `suppress` ids at -inf (never candidates)."""
     lg = logits.detach().double().numpy().copy()
     for tok in suppress:
         lg[..., tok] = -np.inf
+    return lg
+
+
+def _select(logits: torch.Tensor, mask_index: np.ndarray, x: np.ndarray,
+            num_transfer: Optional[np.ndarray], threshold: Optional[float],
+            factor: Optional[float], suppress: Sequence[int]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`get_transfer_index` (factor None) / `get_transfer_index_dynamic`, greedy,
+    low_confidence. Returns (x0 [B, L], transfer [B, L] bool, confidence [B, L])."""
+    lg = _suppressed(logits, suppress)
     x0 = np.argmax(lg, axis=-1)
     p = softmax(lg, dtype=np.float64)
     x0_p = np.take_along_axis(p, x0[..., None], axis=-1)[..., 0]
     x0 = np.where(mask_index, x0, x)
     confidence = np.where(mask_index, x0_p, -np.inf)
     if factor is not None:
-        return x0, fastdllm_factor_transfer(confidence, mask_index, factor)
+        return x0, fastdllm_factor_transfer(confidence, mask_index, factor), confidence
     if threshold is not None:
-        return x0, fastdllm_threshold_transfer(confidence, mask_index, threshold)
+        return x0, fastdllm_threshold_transfer(confidence, mask_index, threshold), confidence
     transfer = np.zeros(mask_index.shape, bool)
     for j in range(mask_index.shape[0]):
         transfer[j, topk_indices(confidence[j], int(num_transfer[j]))] = True
-    return x0, transfer
+    return x0, transfer, confidence
 
 
 @torch.no_grad()
@@ -188,6 +195,7 @@ def fastdllm_generate_cached(
     factor: Optional[float] = None,
     suppress_token_ids: Sequence[int] = (),
     trace: Optional[list] = None,
+    after_step=None,
 ) -> tuple[np.ndarray, int]:
     """Fast-dLLM's `generate_with_prefix_cache` (mode='prefix') / `generate_with_dual_cache`
     (mode='dual'), greedy low_confidence; rules in the module docstring.
@@ -197,6 +205,7 @@ def fastdllm_generate_cached(
         prompt: `[B, P]` int token ids (no padding: Fast-dLLM's cached loops take none).
         trace: if a list, one `(block, i, kind)` tuple is appended per forward
             (kind 'refresh' or 'cached').
+        after_step: as in `reference_decoders.fastdllm_generate` (R2's added rules).
     Returns:
         `(answer [B, gen_length] int64, nfe)`.
     """
@@ -217,9 +226,13 @@ def fastdllm_generate_cached(
         logits, past = model.forward_cache(torch.from_numpy(x))
         mask_index = x == mask_id
         mask_index[:, end:] = False
-        x0, transfer = _select(logits, mask_index, x, schedule[:, 0] if fixed else None,
-                               threshold, factor, suppress_token_ids)
+        x0, transfer, conf = _select(logits, mask_index, x, schedule[:, 0] if fixed else None,
+                                     threshold, factor, suppress_token_ids)
         x[transfer] = x0[transfer]
+        if after_step is not None:
+            lg = _suppressed(logits, suppress_token_ids)
+            after_step(x[:, start:end], x0[:, start:end], conf[:, start:end], lg[:, start:end],
+                       mask_index[:, start:end], blk)
         nfe += 1
         if trace is not None:
             trace.append((blk, 0, "refresh"))
@@ -246,8 +259,13 @@ def fastdllm_generate_cached(
                 view = x[:, start:end]
                 mask_index = view == mask_id
                 logits, _ = model.forward_cache(torch.from_numpy(view.copy()), past, replace)
-            x0, transfer = _select(logits, mask_index, view, schedule[:, i] if fixed else None,
-                                   threshold, factor, suppress_token_ids)
+            x0, transfer, conf = _select(logits, mask_index, view,
+                                         schedule[:, i] if fixed else None, threshold, factor,
+                                         suppress_token_ids)
             view[transfer] = x0[transfer]  # a view: writes into x
+            if after_step is not None:
+                lg = _suppressed(logits, suppress_token_ids)
+                after_step(view[:, :block_length], x0[:, :block_length], conf[:, :block_length],
+                           lg[:, :block_length], mask_index[:, :block_length], blk)
             i += 1
     return x[:, p:], nfe

@@ -338,6 +338,7 @@ def fastdllm_generate(
     threshold: Optional[float] = None,
     factor: Optional[float] = None,
     rng: Optional[np.random.Generator] = None,
+    after_step=None,
 ) -> tuple[np.ndarray, int]:
     """Reference of Fast-dLLM's uncached ``generate`` (NVlabs/Fast-dLLM ``llada/generate.py``).
 
@@ -360,6 +361,9 @@ def fastdllm_generate(
     Args:
         model_fn: ``tokens [B, T] -> logits [B, T, V]``.
         prompt: ``[B, P]`` int token ids.
+        after_step: optional ``f(x_block, x0_block, conf_block, logits_block, masked_block,
+            block_index)`` called after each step's write with ``[B, Lb(, V)]`` views of the
+            block (``x_block`` writable): where rules that add commits (R2) run.
     Returns:
         ``(answer [B, gen_length] int64, nfe)``.
     """
@@ -401,6 +405,9 @@ def fastdllm_generate(
                 for j in range(b):
                     transfer[j, topk_indices(confidence[j], schedule[j, i])] = True
             x[transfer] = x0[transfer]
+            if after_step is not None:
+                after_step(x[:, start:end], x0[:, start:end], confidence[:, start:end],
+                           logits[:, start:end], mask_index[:, start:end], blk)
 
             i += 1
             if not (x[:, start:end] == mask_id).any():

@@ -1,4 +1,4 @@
-"""R2 rules: the spatial score against a loop reference, the spatial and temporal rules on
+"""r2_centred (our earlier R2 design) rules: the spatial score against a loop reference, the spatial and temporal rules on
 hand-made steps, and the decode properties."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from controllers import make_controller
-from controllers.r2 import spatial_score
+from controllers.r2_centred import spatial_score
 from dllm_jax.config import GenerateConfig
 from dllm_jax.features import update_trajectory
 from dllm_jax.state import BlockContext, Features, Trajectory
@@ -60,7 +60,7 @@ def _run(ctrl, seq):
 
 
 def test_spatial_rule_clusters_commit_isolated_tokens_wait() -> None:
-    r2 = make_controller("r2", threshold=0.9, window=1, floor=0.7, temporal=False)
+    r2 = make_controller("r2_centred", threshold=0.9, window=1, floor=0.7, temporal=False)
     m = [True] * 8
     # 0..3: a confident cluster with a 0.86 inside; 6: an isolated 0.95 among 0.3s.
     conf = [0.95, 0.86, 0.97, 0.96, 0.3, 0.3, 0.95, 0.3]
@@ -86,7 +86,7 @@ def test_spatial_rule_clusters_commit_isolated_tokens_wait() -> None:
 
 
 def test_temporal_rule_finalises_stable_tokens() -> None:
-    r2 = make_controller("r2", threshold=0.9, k=3, temporal_floor=0.7, spatial=False)
+    r2 = make_controller("r2_centred", threshold=0.9, k=3, temporal_floor=0.7, spatial=False)
     # 0: stable candidate at 0.75; 1: stable at 0.6 (below the floor); 2: candidate 3, 4, 3,
     # 3, 3 at 0.8; 3: a confident filler (threshold commit, so no fallback commit is needed).
     cands = [3, 4, 3, 3, 3]
@@ -105,7 +105,7 @@ def test_rules_off_is_the_threshold_rule() -> None:
     rng = np.random.default_rng(0)
     seq = [(list(rng.integers(0, 2, 8)), list(rng.uniform(0.4, 1.0, 8)), list(rng.random(8) < 0.8))
            for _ in range(6)]
-    a = _run(make_controller("r2", threshold=0.8, spatial=False, temporal=False), seq)
+    a = _run(make_controller("r2_centred", threshold=0.8, spatial=False, temporal=False), seq)
     b = _run(make_controller("threshold", threshold=0.8), seq)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
@@ -115,18 +115,18 @@ def test_rules_off_is_the_threshold_rule() -> None:
 @pytest.mark.parametrize("kwargs", [dict(), dict(threshold=0.5, window=2, agg="min", k=2),
                                     dict(threshold=0.99, window=0, temporal_floor=0.0)])
 def test_r2_decode_properties(kind: str, kwargs: dict) -> None:
-    check_decode_properties(make_controller("r2", **kwargs), kind)
+    check_decode_properties(make_controller("r2_centred", **kwargs), kind)
 
 
 def test_r2_batch_equals_rows_and_compiles_once() -> None:
-    ctrl = make_controller("r2", threshold=0.5)
+    ctrl = make_controller("r2_centred", threshold=0.5)
     check_batch_equals_rows(ctrl)
     check_compiles_once(ctrl)
 
 
 def test_r2_composes_with_cache() -> None:
     gen = GenerateConfig(gen_length=16, block_length=8, steps=8, trace=True, cache="dual")
-    check_decode_properties(make_controller("r2", threshold=0.5), "peaked", gen)
+    check_decode_properties(make_controller("r2_centred", threshold=0.5), "peaked", gen)
 
 
 def test_r2_validation_messages() -> None:
@@ -136,4 +136,4 @@ def test_r2_validation_messages() -> None:
                     (dict(floor=1.5), r"floor must be in \[0, 1\]"),
                     (dict(threshold=2.0), "threshold must be in")):
         with pytest.raises(ValueError, match=msg):
-            make_controller("r2", **kw)
+            make_controller("r2_centred", **kw)

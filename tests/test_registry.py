@@ -19,7 +19,7 @@ from dllm_jax.cli_options import UsageError, add_generation_options, decode_sett
 from dllm_jax.pretrained import bundled_model_dir
 
 TODAY = ("low_confidence", "random", "threshold", "factor", "maskgit_plus", "topk_margin",
-         "entropy", "origin", "ce", "r2")
+         "entropy", "origin", "ce", "r2", "r2_centred")
 
 
 @pytest.fixture
@@ -68,9 +68,13 @@ def test_defaults_are_todays() -> None:
     ce = make_controller("ce")
     assert (ce.threshold, ce.horizon, ce.z, ce.flip_k) == (0.9, 2, 1.0, 2)
     assert ce.trajectory_filter == CEFilter()
-    r2 = make_controller("r2")
+    r2 = make_controller("r2_centred")
     assert (r2.window, r2.agg, r2.floor, r2.k) == (1, "mean", 0.7, 3)
     assert r2.trajectory_filter is None
+    r2 = make_controller("r2")
+    assert (r2.threshold, r2.window, r2.spatial_threshold, r2.max_unmasked, r2.token_cluster,
+            r2.temporal_steps, r2.temporal_threshold, r2.temporal_eval) == (
+        0.9, 3, 0.8, 1, "confidence", 3, 0.8, "last")
     assert make_controller("random").remasking == "random"
     assert make_controller("ce", q=0.1, r=0.5).trajectory_filter == CEFilter(q=0.1, r=0.5)
 
@@ -89,9 +93,11 @@ SENTENCE = re.compile(r"^(?P<opt>\w+) must be .+, got .+; e\.g\. (?P=opt)=.+\.$"
     ("ce", dict(horizon=1.5), "an integer"),
     ("ce", dict(r=0.0), "> 0"),
     ("ce", dict(lookahead="yes"), "True or False"),
-    ("r2", dict(agg="max"), "one of mean, min"),
-    ("r2", dict(floor=1.5), r"in \[0, 1\]"),
-    ("r2", dict(k=0), "an integer >= 1"),
+    ("r2_centred", dict(agg="max"), "one of mean, min"),
+    ("r2_centred", dict(floor=1.5), r"in \[0, 1\]"),
+    ("r2_centred", dict(k=0), "an integer >= 1"),
+    ("r2", dict(r2_token_cluster="left"), "one of confidence, mid, random, none"),
+    ("r2", dict(r2_window=-1), "an integer >= 0"),
     ("tspd", dict(tau=1.0), r"in \(0, 1\)"),
 ])
 def test_bad_values_give_one_sentence(name: str, kw: dict, rule: str) -> None:
@@ -228,7 +234,8 @@ def test_cli_flags_are_generated() -> None:
      "--factor, --tau do not apply to controller ce; it takes: --threshold, --horizon"),
     (["--controller", "tspd", "--threshold", "0.8"],
      "--threshold does not apply to controller tspd; it takes: --tau."),
-    (["--controller", "r2", "--agg", "max"], "--agg must be one of mean, min, got 'max'"),
+    (["--controller", "r2_centred", "--agg", "max"], "--agg must be one of mean, min, got 'max'"),
+    (["--controller", "r2", "--agg", "max"], "--agg does not apply to controller r2"),
     (["--controller", "nope"], "unknown controller 'nope'"),
     (["--gen-length", "0"], "--gen-length must be a positive integer, got 0; e.g. --gen-length"),
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
