@@ -206,3 +206,32 @@ def test_train_controller_cli(tmp_path) -> None:
     assert ctrl.vocab_size == cfg.vocab_size and ctrl.params.hidden == 2
     assert main(["train-controller", "--model", str(tmp_path / "none")]) == 2
     assert main(["train-controller", "--model", str(model), "--tasks", "nope"]) == 2
+
+
+def test_content_only_rows_and_feature_ablations() -> None:
+    """Content rows stop at the reference's first EOS; a dropped feature group gets zero
+    weights, so the fitted rule does not change when that feature's value changes."""
+    from dllm_jax.config import ConfigError, ModelConfig
+    from dllm_jax.models import init_params
+    from dllm_jax.train.controller_fit import content_end, dropped_columns
+
+    assert content_end(np.array([[5, 1, 1], [5, 6, 7], [1, 1, 1]]), 1).tolist() == [1, 2, 0]
+    cfg = ModelConfig.tiny("llada", vocab_size=32, mask_token_id=31, eos_token_id=1)
+    params = init_params(cfg, jax.random.key(2), std=0.6)
+    ids = np.array([[4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]], np.int32)
+    gen = GenerateConfig(gen_length=8, block_length=8, steps=8)
+    full = record(params, cfg, ids, gen=gen, thresholds=(0.9,), use_ce=True)
+    content = record(params, cfg, ids, gen=gen, thresholds=(0.9,), use_ce=True,
+                     content_only=True)
+    assert 0 < len(content) <= len(full)
+    ctrl, metrics = fit_tspd(content, vocab_size=32, hidden=4, steps=30, drop=("ce", "momentum"))
+    cols = dropped_columns(content.features, ("ce", "momentum"))
+    assert sorted(content.features[i] for i in cols) == ["ce_log_sd", "ce_mean", "momentum"]
+    w, w1 = np.asarray(ctrl.params.w), np.asarray(ctrl.params.w1)
+    assert np.all(w[cols] == 0) and np.all(w1[cols] == 0) and metrics["dropped"] == ["ce", "momentum"]
+    x = content.x[:5].copy()
+    z0 = np.asarray(ctrl.params.logit(jnp.asarray(x)))
+    x[:, cols] += 7.0
+    np.testing.assert_allclose(np.asarray(ctrl.params.logit(jnp.asarray(x))), z0, atol=1e-5)
+    with pytest.raises(ConfigError, match="unknown feature groups"):
+        fit_tspd(content, vocab_size=32, drop=("colour",))

@@ -110,14 +110,25 @@ def replay_features(trace: Mapping[str, jax.Array], *, gen: GenerateConfig, voca
     return out
 
 
+def content_end(ref: np.ndarray, eos_id: int) -> np.ndarray:
+    """int `[B]`: index of the last content position of each reference answer `[B, G]` (its
+    first EOS; G - 1 without one). Positions after it are EOS padding."""
+    is_eos = ref == eos_id
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), ref.shape[1] - 1)
+
+
 def _label_rows(x: np.ndarray, live: np.ndarray, a0: np.ndarray, cand: np.ndarray,
-                ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of the live entries: (x [n, F], y [n], row index b [n])."""
+                ref: np.ndarray, last: Optional[np.ndarray] = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the live entries: (x [n, F], y [n], row index b [n]); with `last` `[B]` only
+    positions up to each row's last content position (`content_end`)."""
     s, b, lb = live.shape
     pos = a0[:, None, None] + np.arange(lb)[None, None, :]                  # [S, 1, Lb]
     pos = np.broadcast_to(np.minimum(pos, ref.shape[1] - 1), (s, b, lb))
     rows = np.broadcast_to(np.arange(b)[None, :, None], (s, b, lb))
     y = (cand == ref[rows, pos])
+    if last is not None:
+        live = live & (pos <= last[rows])
     return x[live], y[live].astype(np.float32), rows[live].astype(np.int32)
 
 
@@ -125,7 +136,8 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
            gen: GenerateConfig, controllers: Optional[Sequence[tuple[str, Any]]] = None,
            thresholds: Sequence[float] = (0.9, 0.7), include_reference: bool = True,
            use_ce: bool = True, horizon: int = 2, ce_filter: CEFilter = CEFilter(),
-           batch_size: int = 32, key: Optional[jax.Array] = None) -> Recording:
+           batch_size: int = 32, key: Optional[jax.Array] = None,
+           content_only: bool = False) -> Recording:
     """Record labelled TSPD feature rows from `params` on `prompts` (see the module doc).
 
     Args:
@@ -135,6 +147,9 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
       controllers: (label, controller) pairs to record with; default: Fast-dLLM `thresholds`.
       include_reference: also record the reference (one token per step) decode's own trace.
       use_ce, horizon, ce_filter: the TSPD feature settings to compute.
+      content_only: keep only rows of content positions (up to and including the reference
+        answer's first EOS), so that EOS padding, which commits in the first forwards, does
+        not dominate the fit.
     """
     from dllm_jax.decode import generate
 
@@ -157,8 +172,10 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
     def add(out: Any, src: int, start: int, k: int, ref: np.ndarray, g: GenerateConfig) -> None:
         tr = out.stats.trace
         x, live, a0 = replay_features(tr, gen=g, **opts)
+        last = content_end(ref[:k], int(cfg.eos_token_id)) if content_only else None
         x, y, rows = _label_rows(np.asarray(x)[:, :k], np.asarray(live)[:, :k],
-                                 np.asarray(a0), np.asarray(tr["candidate"])[:, :k], ref[:k])
+                                 np.asarray(a0), np.asarray(tr["candidate"])[:, :k], ref[:k],
+                                 last)
         xs.append(x), ys.append(y), gs.append(rows + start)
         ss.append(np.full(y.shape, src, np.int32))
 
@@ -173,6 +190,24 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
     return Recording(x=np.concatenate(xs).astype(np.float32), y=np.concatenate(ys),
                      group=np.concatenate(gs), source=np.concatenate(ss), features=names,
                      sources=tuple(labels))
+
+
+#: Feature groups an ablation can drop (`fit_tspd(drop=...)`), by column name.
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "ce": ("ce_mean", "ce_log_sd"),
+    "position": ("rel_pos", "dist_committed", "frac_committed"),
+    "momentum": ("momentum",),
+}
+
+
+def dropped_columns(features: Sequence[str], drop: Sequence[str]) -> list[int]:
+    """Column indices of the feature groups in `drop` (see FEATURE_GROUPS)."""
+    unknown = [g for g in drop if g not in FEATURE_GROUPS]
+    if unknown:
+        raise ConfigError(f"unknown feature groups {unknown}; choose from "
+                          f"{', '.join(FEATURE_GROUPS)}.")
+    names = [n for g in drop for n in FEATURE_GROUPS[g]]
+    return [i for i, f in enumerate(features) if f in names]
 
 
 def _split_groups(group: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -230,8 +265,14 @@ def fit_tspd(rec: Recording, *, vocab_size: int, hidden: int = 16, steps: int = 
              lr: float = 0.02, l2: float = 1e-4, neg_weight: float = 1.0,
              val_fraction: float = 0.2, max_rows: int = 500_000, tau: float = 0.5,
              use_ce: bool = True, horizon: int = 2, ce_filter: CEFilter = CEFilter(),
-             seed: int = 0) -> tuple[TSPD, dict[str, Any]]:
-    """Fit TSPD parameters on `rec`; returns (controller, metrics). See the module doc."""
+             seed: int = 0, drop: Sequence[str] = ()) -> tuple[TSPD, dict[str, Any]]:
+    """Fit TSPD parameters on `rec`; returns (controller, metrics). See the module doc.
+
+    drop: feature groups to leave out (ablations): "ce" (the CE forecast), "position"
+      (position in the block, distance to decoded, decoded fraction), "momentum"; their
+      columns are zeroed for the fit and their weights are zero in the result, so the
+      fitted controller ignores them at decode time too.
+    """
     if len(rec) == 0:
         raise ConfigError("no recorded rows to fit on; record more prompts.")
     if tuple(rec.features) != feature_names(use_ce):
@@ -240,6 +281,10 @@ def fit_tspd(rec: Recording, *, vocab_size: int, hidden: int = 16, steps: int = 
     if steps <= 0 or hidden < 0 or lr <= 0 or neg_weight <= 0 or not 0 < tau < 1:
         raise ConfigError("fit needs steps > 0, hidden >= 0, lr > 0, neg_weight > 0 and tau in "
                           "(0, 1).")
+    dropped = dropped_columns(rec.features, drop)
+    if dropped:
+        rec = dataclasses.replace(rec, x=rec.x.copy())
+        rec.x[:, dropped] = 0.0
     rng = np.random.default_rng(seed)
     val = _split_groups(rec.group, val_fraction, seed)
     tr_idx, va_idx = np.flatnonzero(~val), np.flatnonzero(val)
@@ -260,6 +305,10 @@ def fit_tspd(rec: Recording, *, vocab_size: int, hidden: int = 16, steps: int = 
     loss_init = float(weighted_loss(p0, xj, yj, neg_weight))
     p, losses = _optimise(p0, xj, yj, steps=int(steps), lr=float(lr), l2=float(l2),
                           neg_weight=float(neg_weight))
+    if dropped:  # a dropped column contributes nothing, also where decode sees its real value
+        idx = jnp.asarray(dropped)
+        p = p.replace(w=p.w.at[idx].set(0.0), w1=p.w1.at[idx].set(0.0),
+                      x_mean=p.x_mean.at[idx].set(0.0), x_scale=p.x_scale.at[idx].set(1.0))
     ctrl = TSPD(params=p, tau=float(tau), vocab_size=int(vocab_size), use_ce=use_ce,
                 horizon=int(horizon), ce_filter=ce_filter)
     metrics: dict[str, Any] = {
@@ -269,6 +318,7 @@ def fit_tspd(rec: Recording, *, vocab_size: int, hidden: int = 16, steps: int = 
         "lr": float(lr), "l2": float(l2), "neg_weight": float(neg_weight),
         "loss_init": loss_init, "loss_fit": float(weighted_loss(p, xj, yj, neg_weight)),
         "objective_first": float(losses[0]), "objective_last": float(losses[-1]),
+        "dropped": sorted(set(drop)),
     }
     ev = va_idx if len(va_idx) else tr_idx
     x_ev, y_ev = rec.x[ev], rec.y[ev]
@@ -286,15 +336,16 @@ def train_controller(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = No
                      gen: GenerateConfig, thresholds: Sequence[float] = (0.9, 0.7),
                      include_reference: bool = True, use_ce: bool = True, horizon: int = 2,
                      ce_filter: CEFilter = CEFilter(), batch_size: int = 32,
-                     key: Optional[jax.Array] = None, **fit_kwargs: Any
-                     ) -> tuple[TSPD, dict[str, Any]]:
-    """`record` then `fit_tspd`; `fit_kwargs` go to `fit_tspd` (hidden, steps, lr, tau, ...)."""
+                     key: Optional[jax.Array] = None, content_only: bool = False,
+                     **fit_kwargs: Any) -> tuple[TSPD, dict[str, Any]]:
+    """`record` then `fit_tspd`; `fit_kwargs` go to `fit_tspd` (hidden, steps, lr, tau, drop,
+    ...)."""
     rec = record(params, cfg, prompts, prompt_valid, gen=gen, thresholds=thresholds,
                  include_reference=include_reference, use_ce=use_ce, horizon=horizon,
-                 ce_filter=ce_filter, batch_size=batch_size, key=key)
+                 ce_filter=ce_filter, batch_size=batch_size, key=key, content_only=content_only)
     return fit_tspd(rec, vocab_size=int(cfg.vocab_size), use_ce=use_ce, horizon=horizon,
                     ce_filter=ce_filter, **fit_kwargs)
 
 
-__all__ = ["Recording", "fit_tspd", "record", "reference_config", "replay_features",
-           "train_controller", "weighted_loss"]
+__all__ = ["FEATURE_GROUPS", "Recording", "content_end", "dropped_columns", "fit_tspd", "record",
+           "reference_config", "replay_features", "train_controller", "weighted_loss"]
