@@ -123,10 +123,13 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     """Validate a destination folder before any work is done; returns it as an absolute path.
 
-    A missing DST is fine. An existing DST is refused unless `overwrite`; even then only an
-    empty folder or an earlier dllm-jax checkpoint is replaced, never an arbitrary folder or file.
+    A missing DST or an empty folder is fine. Another existing DST is refused unless
+    `overwrite`; even then only an earlier dllm-jax checkpoint is replaced, never an arbitrary
+    folder or file.
     """
-    dst = Path(dst).absolute()
+    dst = Path(os.path.expanduser(os.fspath(dst))).absolute()
+    if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+        return dst
     if dst.exists() or dst.is_symlink():
         if not overwrite:
             raise CheckpointError(
@@ -242,14 +245,66 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _orbax_leftover(args: Any) -> bool:
+    """An unraisable exception left by a failed orbax restore: a read coroutine closed after
+    the failure, or a callback into the event loop orbax already closed."""
+    obj = getattr(args, "object", None)
+    code = getattr(obj, "cr_code", None)
+    if code is not None and ("orbax" in code.co_filename or "tensorstore" in code.co_filename):
+        return True
+    return (isinstance(args.exc_value, RuntimeError)
+            and "Event loop is closed" in str(args.exc_value))
+
+
+def _filter_orbax_leftovers() -> Any:
+    """Drop `_orbax_leftover` unraisables (printed as "Exception ignored in: <coroutine ...>",
+    40-140 lines each, by orbax's reader threads during and after a failed restore) from now
+    on; every other one still goes to the previous hook. Returns the previous hook."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_orbax_leftovers", False):
+        return previous
+
+    def hook(args: Any) -> None:
+        if not _orbax_leftover(args):
+            previous(args)
+
+    hook._drops_orbax_leftovers = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    return previous
+
+
+def _restore_failure(e: BaseException, params_dir: Path) -> str:
+    """One clause for a failed restore: the array whose file could not be read (tensorstore
+    names its path deep inside a long spec), else the first line of the error without the
+    tensorstore / pybind11 details."""
+    text = str(e)
+    m = re.search(r"'path': '([^']+)'", text)
+    if m:
+        where = Path(m.group(1).rstrip("/"))
+        name = where.name if where.parent == params_dir else str(where)
+        return f"the data of param {name} cannot be read (a truncated or damaged file in {where})"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    first = re.split(r"\.?\s*See full TensorStore details", first)[0].rstrip(" .({")
+    return first
+
+
 def _read_params(path: Path, abstract: Params) -> Params:
     import orbax.checkpoint as ocp
 
+    import sys
+
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    previous = _filter_orbax_leftovers()   # kept after a failure: its leftovers come later
     try:
-        return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
+        with _quiet_absl():
+            params = ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
     finally:
         ckptr.close()
+    if getattr(sys.unraisablehook, "_drops_orbax_leftovers", False):
+        sys.unraisablehook = previous
+    return params
 
 
 # ----------------------------------------------------------------------------- public API
@@ -367,9 +422,9 @@ def load_model(
     try:
         params = _read_params(params_dir, abstract)
     except Exception as e:  # orbax / tensorstore errors are long; keep ours one sentence
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"could not restore params from {params_dir} ({first}); the checkpoint is damaged or "
-            f"does not match {CONFIG_FILE}: re-run `dllm-jax convert`."
-        ) from e
+            f"could not restore params from {params_dir}: {_restore_failure(e, params_dir)}; the "
+            f"checkpoint is damaged or does not match {CONFIG_FILE}: copy it again or re-run "
+            f"`dllm-jax convert`."
+        ) from None
     return cfg, params

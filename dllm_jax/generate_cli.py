@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--show-steps", action="store_true", help="print the answer after each "
+                   "step, committed tokens in brackets (to stderr with --json)")
+    p.add_argument("--trace-png", default=None, metavar="FILE",
+                   help="write a heatmap of the step each answer token was committed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
         ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else sess.encode(
             text, chat=args.chat)
         gen, controller = decode_settings(args, str(sess.model_dir))
-        [answer] = sess.generate([ids], gen, controller, key=jax.random.key(args.seed))
+        if args.show_steps or args.trace_png:
+            from dllm_jax import viz
+            answer = viz.generate_showing_steps(
+                sess, ids, gen, controller, jax.random.key(args.seed), args.show_steps,
+                args.trace_png, file=sys.stderr if args.json else sys.stdout)
+        else:
+            [answer] = sess.generate([ids], gen, controller, key=jax.random.key(args.seed))
     except (TokenizerError, GenerateError) as e:
         raise UsageError(str(e)) from None
     if args.json:

@@ -46,6 +46,9 @@ def resolve_model_dir(model_dir: str | os.PathLike | None, flag: str = "--model"
         except FileNotFoundError as e:
             raise SessionError(str(e)) from None
     path = Path(os.path.expanduser(os.fspath(model_dir)))
+    if path.exists() and not path.is_dir():
+        raise SessionError(f"{flag} {path} is a file, not a model folder; pass {flag} DIR (a "
+                           f"folder made by `dllm-jax convert` or `dllm-jax train`).")
     if not path.is_dir():
         raise SessionError(f"model folder {path} does not exist; pass {flag} DIR (a folder made "
                            f"by `dllm-jax convert` or `dllm-jax train`).")
@@ -222,9 +225,13 @@ def read_train_config(model_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError) as e:
         raise SessionError(f"{path} cannot be read ({e}); restore it or remove it.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("train"), dict):
+        raise SessionError(f"{path} is not a training record (no \"train\" object); restore it "
+                           f"or remove it.")
+    return record
 
 
 def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh: Any = None,
@@ -255,10 +262,21 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
         params = models.decode_layout(params, mesh=mesh)
     elif layout != "stacked":
         raise SessionError(f"layout must be 'auto' or 'stacked', got {layout!r}.")
-    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    train_config = read_train_config(path)
+    tok = None
+    if (path / "tokenizer.json").is_file():
+        tok = Tokenizer.from_dir(path, unknown_words=unknown_words_policy(train_config))
     return Session(model_dir=path, cfg=cfg, params=params, tokenizer=tok,
-                   train_config=read_train_config(path), mesh=mesh)
+                   train_config=train_config, mesh=mesh)
+
+
+def unknown_words_policy(train_config: dict[str, Any] | None) -> str:
+    """How prompts with words outside the vocabulary are treated (see `dllm_jax.tokenizer`):
+    "error" for task models (made by `dllm-jax train`, with train_config.json: a closed
+    vocabulary, so an unknown word is a typo or a prompt the model cannot answer), "warn" for
+    other models (subword vocabularies, where <unk> is a rare character in an intact prompt)."""
+    return "error" if train_config is not None else "warn"
 
 
 __all__ = ["Answer", "Session", "SessionError", "check_prompt_ids", "cut_at_eos", "left_pad",
-           "load", "read_train_config", "resolve_model_dir"]
+           "load", "read_train_config", "resolve_model_dir", "unknown_words_policy"]

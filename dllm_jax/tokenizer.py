@@ -20,12 +20,21 @@ token as a string (``bos_token``, ``eos_token``, ...).
 
 Prompts for the decoder are batched LEFT-padded: ``batch_encode`` returns ``ids [B, P]``
 int32 and ``valid [B, P]`` bool (False on the padding, which sits at the start of a row).
+
+Words the vocabulary lacks (encoded as the unknown token, ``<unk>``) are never silent:
+``unknown_words="error"`` raises TokenizerError naming them (what a closed vocabulary wants:
+the task tokenizer, where an unknown word is a typo or a prompt from outside the tasks and the
+answer would be meaningless), ``"warn"`` (the default) prints one ``warning:`` line naming them
+on stderr and encodes them as the unknown token (subword tokenizers, where ``<unk>`` is a rare
+unsupported character in an otherwise intact prompt), ``"ignore"`` encodes silently. The unknown
+token typed literally in the text is not an unknown word.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Optional, Sequence
@@ -33,6 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+UNKNOWN_WORDS_POLICIES = ("error", "warn", "ignore")
 
 
 class TokenizerError(ValueError):
@@ -108,20 +118,29 @@ class Tokenizer:
         chat_template: the jinja source, or None.
         clean_up_tokenization_spaces: apply transformers' space clean-up in ``decode``
             (skipped for BPE models, as transformers does).
+        unknown_words: what ``encode`` does with words the vocabulary lacks: "error",
+            "warn" or "ignore" (see the module docstring).
     """
 
     backend: Any
     special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: Optional[str] = None
     clean_up_tokenization_spaces: bool = False
+    unknown_words: str = "warn"
     _compiled_template: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.unknown_words not in UNKNOWN_WORDS_POLICIES:
+            raise TokenizerError(f"unknown_words must be one of {', '.join(UNKNOWN_WORDS_POLICIES)}, "
+                                 f"got {self.unknown_words!r}.")
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
+    def from_dir(cls, model_dir: str | os.PathLike, unknown_words: str = "warn") -> "Tokenizer":
         """Load ``tokenizer.json`` (+ ``tokenizer_config.json``, ``special_tokens_map.json``,
-        ``chat_template.jinja`` when present) from ``model_dir``."""
+        ``chat_template.jinja`` when present) from ``model_dir``; ``unknown_words``: see the
+        class."""
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HFTokenizer
 
@@ -187,6 +206,7 @@ class Tokenizer:
             special_tokens=special,
             chat_template=template if isinstance(template, str) else None,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            unknown_words=unknown_words,
         )
 
     # ------------------------------------------------------------------ ids
@@ -233,10 +253,45 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a string, got {type(text).__name__}.")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        ids = list(enc.ids)
         if not ids:
             raise TokenizerError("The prompt is empty (it encodes to no token); pass a non-empty prompt.")
-        return list(ids)
+        if self.unknown_words != "ignore":
+            words = self._unknown_words(text, ids, enc.offsets)
+            if words:
+                self._report_unknown(words)
+        return ids
+
+    @property
+    def unk_token(self) -> Optional[str]:
+        """The unknown token (``<unk>``, ``[UNK]``) of the vocabulary, or None without one."""
+        tok = self.special_tokens.get("unk_token") or getattr(self.backend.model, "unk_token", None)
+        return tok if isinstance(tok, str) and self.backend.token_to_id(tok) is not None else None
+
+    def _unknown_words(self, text: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]]) -> list[str]:
+        unk = self.unk_token
+        if unk is None:
+            return []
+        unk_id = self.backend.token_to_id(unk)
+        words = [text[a:b] for i, (a, b) in zip(ids, offsets) if i == unk_id and text[a:b] != unk]
+        return list(dict.fromkeys(w for w in words if w))
+
+    def unknown_words_of(self, text: str) -> list[str]:
+        """The words of ``text`` (in order, without repeats) the vocabulary lacks."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return self._unknown_words(text, enc.ids, enc.offsets)
+
+    def _report_unknown(self, words: list[str]) -> None:
+        shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+        plural = "s" if len(words) > 1 else ""
+        if self.unknown_words == "error":
+            raise TokenizerError(
+                f"the prompt has word{plural} the model's vocabulary does not have: {shown}; they would be read "
+                f"as {self.unk_token}. Use only words the model was trained on (a task model knows the task "
+                f"prompts, e.g. 'sort: 9 4 7 1').")
+        print(f"warning: word{plural} not in the tokenizer's vocabulary, read as {self.unk_token}: {shown}.",
+              file=sys.stderr, flush=True)
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list or a 1-D array), special tokens dropped by default."""

@@ -107,8 +107,9 @@ def test_kill_and_restart_every_id_once(model_dir: Path, tmp_path: Path,
     with open(out, "a") as f:
         f.write('{"id": "p11", "tokens": [1, 2')
 
-    assert main(argv) == 0
+    assert main(argv) == 1                        # 1: lines were rejected
     err2 = capsys.readouterr().err
+    assert "5 of 17 input lines rejected" in err2
     assert "partial last line" in err2
     assert f"{len(first)} already in" in err2
     records = _answers(out)
@@ -118,7 +119,7 @@ def test_kill_and_restart_every_id_once(model_dir: Path, tmp_path: Path,
 
     # A second restart has nothing to do and writes nothing.
     before = out.read_bytes()
-    assert main(argv) == 0
+    assert main(argv) == 1
     assert out.read_bytes() == before
 
     # Answers equal the library's decode of each prompt alone (batch and bucket invariance).
@@ -154,7 +155,7 @@ def test_recover_output_truncates_only_a_partial_tail(tmp_path: Path) -> None:
     out = tmp_path / "a.jsonl"
     out.write_text('{"id": 1, "tokens": []}\n{"id": "x", "tokens": []}\n{"id": 2, "tok')
     msgs: list[str] = []
-    assert B.recover_output(str(out), msgs.append) == {"1", '"x"'}
+    assert B.recover_output(str(out), msgs.append) == {"1", "x"}
     assert out.read_text().endswith('"x", "tokens": []}\n') and len(msgs) == 1
     assert B.recover_output(str(tmp_path / "missing.jsonl")) == set()
 

@@ -171,27 +171,29 @@ def test_temporal_streaks(ev: str) -> None:
 def test_vectorised_pieces_equal_loops_on_random_steps() -> None:
     rng = np.random.default_rng(0)
     r = _ref_of(dict(OPTS, r2_spatial_threshold=0.55))
-    for _ in range(200):
-        lb = int(rng.integers(1, 10))
-        masked = rng.random((3, lb)) < 0.7
-        # window means: continuous values (a mean exactly at the threshold may round either
-        # way in float32 vs float64, the deviation the module states); clusters: ties, to
-        # check "first of equals"
-        conf_w = rng.random((3, lb)).astype(np.float32).astype(np.float64)
-        conf = np.round(rng.random((3, lb)), 1)
-        cand = rng.integers(0, 3, (3, lb))
-        x = np.where(masked, M, 5)
-        want_w = x.copy()
-        r.window_sweep(want_w, np.where(masked, cand, x), np.where(masked, conf, -np.inf))
-        got_w = np.asarray(window_sweep(jnp.asarray(conf, jnp.float32), jnp.asarray(masked), 3,
-                                        0.55, 1))
-        np.testing.assert_array_equal(got_w, masked & (want_w != M))
-        want_c = x.copy()
-        r.token_clusters(want_c, cand, conf)
-        got_c = np.asarray(token_clusters(jnp.asarray(conf, jnp.float32), jnp.asarray(cand),
-                                          jnp.asarray(masked), 0.55, "confidence",
-                                          jax.random.key(0)))
-        np.testing.assert_array_equal(got_c, masked & (want_c != M))
+    sweep = jax.jit(window_sweep, static_argnums=(2, 3, 4))
+    clusters = jax.jit(token_clusters, static_argnums=(3, 4))
+    for lb in (1, 2, 3, 5, 9):
+        for _ in range(25):
+            masked = rng.random((3, lb)) < 0.7
+            # window means: continuous values (a mean exactly at the threshold may round either
+            # way in float32 vs float64, the deviation the module states); clusters: ties, to
+            # check "first of equals"
+            conf_w = rng.random((3, lb)).astype(np.float32).astype(np.float64)
+            conf = np.round(rng.random((3, lb)), 1)
+            cand = rng.integers(0, 3, (3, lb))
+            x = np.where(masked, M, 5)
+            want_w = x.copy()
+            r.window_sweep(want_w, np.where(masked, cand, x), np.where(masked, conf_w, -np.inf))
+            got_w = np.asarray(sweep(jnp.asarray(conf_w, jnp.float32), jnp.asarray(masked),
+                                     3, 0.55, 1))
+            np.testing.assert_array_equal(got_w, masked & (want_w != M))
+            want_c = x.copy()
+            r.token_clusters(want_c, cand, conf)
+            got_c = np.asarray(clusters(jnp.asarray(conf, jnp.float32), jnp.asarray(cand),
+                                        jnp.asarray(masked), 0.55, "confidence",
+                                        jax.random.key(0)))
+            np.testing.assert_array_equal(got_c, masked & (want_c != M))
 
 
 def test_random_cluster_picks_one_member_of_the_run() -> None:

@@ -25,6 +25,24 @@ def test_resolve_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         session.resolve_model_dir(tmp_path / "missing")
     with pytest.raises(ConfigError, match="--from DIR"):
         session.resolve_model_dir(tmp_path / "missing", flag="--from")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="--model .* is a file"):
+        session.resolve_model_dir(tmp_path / "f")
+
+
+def test_task_models_refuse_unknown_words(tmp_path: Path) -> None:
+    """The bundled model is a task model (train_config.json): its closed vocabulary makes an
+    unknown word an error, not a silent <unk>; other models only warn."""
+    from dllm_jax.tokenizer import TokenizerError
+
+    s = session.load()
+    assert s.tokenizer.unknown_words == "error"
+    with pytest.raises(TokenizerError, match="'Amy'"):
+        s.encode("reverse: Eve Amy")
+    assert session.unknown_words_policy(None) == "warn"
+    (tmp_path / "train_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a training record"):
+        session.read_train_config(tmp_path)
 
 
 def test_left_pad_and_fill_rows() -> None:
@@ -50,7 +68,7 @@ def test_generate_equals_the_library_decode() -> None:
     assert s.tokenizer is not None and s.answer_length == 32
     gen = GenerateConfig(gen_length=32, steps=16)
     ctrl = make_controller("threshold", threshold=0.9)
-    prompts = ["sort: 9 4 7 1", "reverse: Eve Bob Zoe Amy"]
+    prompts = ["sort: 9 4 7 1", "reverse: Eve Bob Zoe Uma"]
     answers = s.generate(prompts, gen, ctrl, key=jax.random.key(3), rows=4)
     assert len(answers) == 2
     for text, a in zip(prompts, answers):

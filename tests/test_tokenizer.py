@@ -212,3 +212,22 @@ def test_sandbox_blocks_unsafe_template(tmp_path):
     assert tojson.apply_chat_template([{"role": "user", "content": "<b>&東"}]) == (
         '{"role": "user", "content": "<b>&東"}<g>'
     )
+
+
+def test_unknown_words_are_never_silent(tmp_path, capsys):
+    d = _wordlevel_dir(tmp_path / "wl")
+    text = "Alice zorblax Bob qux zorblax [UNK]"
+    with pytest.raises(TokenizerError, match=r"'zorblax', 'qux'; they would be read as \[UNK\]"):
+        Tokenizer.from_dir(d, unknown_words="error").encode(text)
+    capsys.readouterr()
+    warned = Tokenizer.from_dir(d).encode(text)                       # default: warn
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "'zorblax', 'qux'" in err and err.count("\n") == 1
+    assert warned == Tokenizer.from_dir(d, unknown_words="ignore").encode(text)
+    assert capsys.readouterr().err == ""
+    # the unknown token typed literally is not an unknown word; a BPE without <unk> never warns
+    Tokenizer.from_dir(d, unknown_words="error").encode("Alice [UNK] Bob")
+    Tokenizer.from_dir(_bpe_dir(tmp_path / "bpe", post_bos=False), unknown_words="error").encode(
+        "Zürich ☃ 東京")
+    with pytest.raises(TokenizerError, match="unknown_words must be one of"):
+        Tokenizer.from_dir(d, unknown_words="loud")

@@ -208,7 +208,7 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path / "m"), "--steps", "10", "--warmup", "20"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: warmup")
+    assert len(err) == 1 and err[0].startswith("error: --warmup")
 
 
 def test_bundled_model_is_the_generate_default(capsys):

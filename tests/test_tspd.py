@@ -196,6 +196,7 @@ def test_train_controller_cli(tmp_path) -> None:
     save_model(model, cfg, init_params(cfg, jax.random.key(0), std=0.3),
                extra_files={n: tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json")})
     out = tmp_path / "fit" / "tspd.json"
+    out.parent.mkdir()  # an --out folder must exist (a missing one is a one-line error)
     rc = main(["train-controller", "--model", str(model), "--out", str(out), "--tasks", "copy",
                "--n", "3", "--steps", "20", "--gen-length", "16", "--block-length", "8",
                "--thresholds", "0.7", "--hidden", "2", "--batch-size", "4"])

@@ -60,16 +60,64 @@ def run_record(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, Any]:
     return {"train": cfg.to_dict(), "model": model_cfg.to_dict()}
 
 
+def check_resumable(ckpt_dir: Path) -> None:
+    """Raise TrainError unless `ckpt_dir` holds a run to resume (its train_config.json)."""
+    if not ckpt_dir.exists():
+        why = "the folder does not exist"
+    elif not ckpt_dir.is_dir():
+        why = "it is not a folder"
+    elif not any(ckpt_dir.iterdir()):
+        why = "the folder is empty"
+    elif not (ckpt_dir / TRAIN_CONFIG_FILE).is_file():
+        why = f"the folder is not a dllm-jax training folder (no {TRAIN_CONFIG_FILE})"
+    else:
+        return
+    raise TrainError(f"there is no checkpoint to resume in {ckpt_dir} ({why}); drop --resume to "
+                     f"start a new run, or pass the --ckpt-dir of the run to continue.")
+
+
+def check_outputs(out_dir: str | os.PathLike | None, ckpt_dir: str | os.PathLike | None,
+                  overwrite: bool) -> None:
+    """Before any work: the model folder can be written at the end (missing or empty, or
+    replaceable with `overwrite`) and the checkpoint folder can be created."""
+    from dllm_jax.checkpoint import CheckpointError, check_destination
+    from dllm_jax.files import check_output_path
+
+    if out_dir is not None:
+        out = Path(os.path.expanduser(os.fspath(out_dir)))
+        try:
+            check_destination(out, overwrite)
+        except CheckpointError as e:
+            raise TrainError(str(e).replace("--overwrite (overwrite=True)", "--overwrite")
+                             .replace("another destination", "another --out")) from None
+        if not out.exists():
+            check_output_path(out, "--out", create_parent=True)
+    if ckpt_dir is not None:
+        ck = Path(os.path.expanduser(os.fspath(ckpt_dir)))
+        if ck.exists() and not ck.is_dir():
+            raise TrainError(f"--ckpt-dir {ck} is a file; pass a folder.")
+        if not ck.exists():
+            check_output_path(ck, "--ckpt-dir", create_parent=True)
+
+
 def prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool
                       ) -> None:
-    record = run_record(cfg, model_cfg)
+    from dllm_jax.files import write_json
+
+    record = json.loads(json.dumps(run_record(cfg, model_cfg)))  # as stored: tuples -> lists
     path = ckpt_dir / TRAIN_CONFIG_FILE
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{path} cannot be read ({e}); restore it, or start a new run in "
+                             f"another --ckpt-dir.") from None
         if not resume:
             raise TrainError(
-                f"{ckpt_dir} already holds checkpoints of a run; pass --resume (resume=True) to "
+                f"{ckpt_dir} already holds checkpoints of a run; pass --resume to "
                 f"continue it, or choose another --ckpt-dir / remove it.")
         if stored != record:
             diff = sorted(
@@ -84,9 +132,7 @@ def prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, r
         raise TrainError(f"{ckpt_dir} exists and is not a dllm-jax training folder (no "
                          f"{TRAIN_CONFIG_FILE}); choose another --ckpt-dir.")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    write_json(path, record)
 
 
 def save_trained_model(out_dir: str | os.PathLike, cfg: TrainConfig, model_cfg: ModelConfig,
@@ -110,5 +156,5 @@ def save_trained_model(out_dir: str | os.PathLike, cfg: TrainConfig, model_cfg: 
 
 
 
-__all__ = ["open_manager", "prepare_ckpt_dir", "restore_checkpoint", "run_record",
+__all__ = ["check_outputs", "check_resumable", "open_manager", "prepare_ckpt_dir", "restore_checkpoint", "run_record",
            "save_checkpoint", "save_trained_model"]

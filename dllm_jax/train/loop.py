@@ -21,8 +21,9 @@ import numpy as np
 
 from dllm_jax.config import ModelConfig
 from dllm_jax.models import Params
-from dllm_jax.train.checkpoints import (open_manager, prepare_ckpt_dir, restore_checkpoint,
-                                        run_record, save_checkpoint, save_trained_model)
+from dllm_jax.train.checkpoints import (check_outputs, check_resumable, open_manager,
+                                        prepare_ckpt_dir, restore_checkpoint, run_record,
+                                        save_checkpoint, save_trained_model)
 from dllm_jax.train.config import TrainConfig, TrainError, check_configs
 from dllm_jax.train.data import DataPool, build_pool
 from dllm_jax.train.step import StepSpec, init_state, lr_schedule, train_chunk
@@ -124,8 +125,11 @@ def train(
     check_configs(cfg, model_cfg)
     if ckpt_dir is None and out_dir is not None:
         ckpt_dir = f"{os.fspath(out_dir).rstrip(os.sep)}-ckpt"
-    if out_dir is not None and Path(out_dir).exists() and not overwrite:
-        raise TrainError(f"{out_dir} already exists; pass --overwrite or choose another --out.")
+    if resume:
+        if ckpt_dir is None:
+            raise TrainError("resume needs a checkpoint folder (ckpt_dir).")
+        check_resumable(Path(ckpt_dir).absolute())
+    check_outputs(out_dir, ckpt_dir, overwrite)
     spec = StepSpec.of(cfg, model_cfg)
     pool_, _ = pool if pool is not None else build_pool(cfg)
     mngr = None
@@ -137,8 +141,10 @@ def train(
         latest = mngr.latest_step()
         if resume and latest is not None:
             state = restore_checkpoint(mngr, latest, cfg, model_cfg)
-    elif resume:
-        raise TrainError("resume needs a checkpoint folder (ckpt_dir).")
+        elif resume and not quiet:
+            print(f"{ckpt_path} holds the run's settings but no checkpoint step yet (it was "
+                  f"stopped before its first save); starting from step 0.",
+                  file=stream or sys.stderr)
     if state is None:
         state = init_state(cfg, model_cfg)
     start = int(state["step"])
