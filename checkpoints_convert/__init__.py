@@ -1,4 +1,5 @@
-"""Convert Hugging Face PyTorch checkpoints (LLaDA, Dream, SDAR) into dllm_jax params.
+"""Convert Hugging Face PyTorch checkpoints (LLaDA, Dream, SDAR, DiffusionGemma's text part) into
+dllm_jax params.
 
     python -m checkpoints_convert SRC DST [--dtype bfloat16|float32] [--overwrite]
     dllm-jax convert SRC DST ...

@@ -1,4 +1,5 @@
-"""`convert(src, dst)`: a Hugging Face LLaDA / Dream / SDAR folder -> a dllm-jax checkpoint folder.
+"""`convert(src, dst)`: a Hugging Face LLaDA / Dream / SDAR / DiffusionGemma (text) folder -> a
+dllm-jax checkpoint folder.
 
 Steps: read config.json and detect the architecture; list every tensor of every weight file
 (headers only) and validate names and shapes against the architecture's key map; preallocate the
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from checkpoints_convert import hf
-from checkpoints_convert.keymap import KeyMap, Placement, keymap_for, plan
+from checkpoints_convert.keymap import KeyMap, Placement, dropped_tensors, keymap_for, plan
 from dllm_jax.models import FAMILIES
 from dllm_jax.checkpoint import CheckpointError, check_destination, numpy_dtype, save_model
 from dllm_jax.config import ModelConfig
@@ -113,6 +114,8 @@ def convert(
     placements = plan(cfg, KEYMAPS[cfg.arch], tensors)
     say(f"{cfg.arch}: {len(tensors)} tensors in {len(weights.files)} {weights.kind} file(s), "
         f"{cfg.num_layers} layers -> {dtype}")
+    for what, n in dropped_tensors(KEYMAPS[cfg.arch], tensors).items():
+        say(f"  skipped {n} tensors of {what} (not converted)")
 
     params = _empty_params(cfg, out_dtype)
     by_file: dict[Path, list[Placement]] = {}

@@ -6,13 +6,18 @@ one per HF tensor name pattern:
 
     Rule("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", ("transpose",), when="...")
 
-- `{i}` stands for the layer index; the tensor goes to row `i` of the stacked `[L, ...]` param.
+- `{i}` stands for the layer index; the tensor goes to row `i` of the stacked `[L, ...]` param
+  (or, for a param of a layer group, to the row of layer `i` in that group's stack: rules of
+  different groups may share a name pattern, each matching the layers of its group).
 - `transforms` is a chain applied to the source tensor, in order. Each transform also maps the
   destination index of a block of source rows, so tensors are copied block by block without a
-  full-size intermediate. `"transpose"` reverses all axes (PyTorch Linear `[out, in]` -> `[in, out]`).
+  full-size intermediate. `"transpose"` reverses all axes (PyTorch Linear `[out, in]` ->
+  `[in, out]`); `"transpose_inner"` swaps the last two (a stack of Linear weights
+  `[E, out, in]` -> `[E, in, out]`).
 - `target=None` marks a known tensor that is deliberately not converted (e.g. the LM head of a
   model with tied embeddings); `ignore` patterns (regular expressions) list known non-parameter
-  buffers such as `rotary_emb.inv_freq`.
+  buffers such as `rotary_emb.inv_freq`; `dropped` patterns list known tensors left out with
+  a notice (`convert` reports how many), such as a vision tower.
 - `when` names a boolean ModelConfig field (`"!field"` for its negation) that must hold for the
   rule to apply; e.g. q/k/v biases exist only when `qkv_bias`.
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -59,6 +64,11 @@ TRANSFORMS: dict[str, Transform] = {
         shape=lambda s: tuple(reversed(s)),
         apply=lambda idx, x: (tuple(reversed(idx)), np.transpose(x)),
     ),
+    "transpose_inner": Transform(
+        "transpose_inner",
+        shape=lambda s: (*s[:-2], s[-1], s[-2]),
+        apply=lambda idx, x: ((*idx[:-2], idx[-1], idx[-2]), np.swapaxes(x, -1, -2)),
+    ),
 }
 
 
@@ -92,21 +102,49 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
-    """All rules of one architecture plus the regexes of known buffers to skip."""
+    """All rules of one architecture plus the regexes of known buffers to skip.
+
+    `rows` gives the layer indices of each layer group (`Family.rows`); `dropped` holds
+    (regex, what they are) of known tensors not converted, with a notice."""
 
     arch: str
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
+    dropped: tuple[tuple[str, str], ...] = ()
+    rows: Callable[[ModelConfig], Mapping[str, tuple[int, ...]]] | None = None
+
+    def layer_rows(self, cfg: ModelConfig) -> Mapping[str, tuple[int, ...]]:
+        out = {"layers": tuple(range(cfg.num_layers))}
+        if self.rows is not None:
+            out.update(self.rows(cfg))
+        return out
+
+
+def _group(rule: Rule) -> str:
+    return rule.target.split("/", 1)[0] if rule.target and "/" in rule.target else "layers"
 
 
 def keymap_for(family: Family) -> KeyMap:
     """The key map of a model family, read off its params table: one rule per converted
     weight (PyTorch `[out, in]` Linear weights transposed), plus the family's skipped
     tensors and ignored buffers."""
-    rules = [Rule(w.hf, w.path, ("transpose",) if w.transposed else (), when=w.when)
+    rules = [Rule(w.hf, w.path, (("transpose",) if w.transposed else ()) + w.transforms,
+                  when=w.when)
              for w in family.weights if w.hf is not None]
     rules += [Rule(hf, None, when=when) for hf, when in family.hf_skip]
-    return KeyMap(arch=family.arch, rules=tuple(rules), ignore=family.hf_ignore)
+    return KeyMap(arch=family.arch, rules=tuple(rules), ignore=family.hf_ignore,
+                  dropped=family.hf_dropped, rows=family.rows)
+
+
+def dropped_tensors(keymap: KeyMap, names: Iterable[str]) -> dict[str, int]:
+    """`{what: count}` of the tensors among `names` that the key map drops with a notice."""
+    out: dict[str, int] = {}
+    pats = [(re.compile(rx), what) for rx, what in keymap.dropped]
+    for name in names:
+        what = next((w for rx, w in pats if rx.match(name)), None)
+        if what is not None:
+            out[what] = out.get(what, 0) + 1
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,28 +182,37 @@ def plan(cfg: ModelConfig, keymap: KeyMap, tensors: Mapping[str, TensorInfo]) ->
     one is missing, or a shape differs from what `param_shapes(cfg)` requires.
     """
     shapes = param_shapes(cfg)
+    rows = keymap.layer_rows(cfg)
     rules = [r for r in keymap.rules if r.applies(cfg)]
     compiled = [(r, r.regex()) for r in rules]
-    ignore = [re.compile(p) for p in keymap.ignore]
+    ignore = [re.compile(p) for p in keymap.ignore] + [re.compile(p) for p, _ in keymap.dropped]
+
+    def fits(rule: Rule, m: re.Match[str]) -> bool:
+        if not rule.per_layer:
+            return True
+        layer = int(m.group(1))
+        if rule.target is None:
+            return layer < cfg.num_layers
+        return layer in rows[_group(rule)]
+
     placements: list[Placement] = []
     seen: set[tuple[str, int | None]] = set()
     unexpected: list[str] = []
     for name, info in sorted(tensors.items()):
-        match = next(((r, m) for r, rx in compiled if (m := rx.match(name))), None)
+        match = next(((r, m) for r, rx in compiled if (m := rx.match(name)) and fits(r, m)),
+                     None)
         if match is None:
             if not any(p.match(name) for p in ignore):
                 unexpected.append(f"{name} (in {info.file.name})")
             continue
         rule, m = match
         layer = int(m.group(1)) if rule.per_layer else None
-        if layer is not None and layer >= cfg.num_layers:
-            unexpected.append(f"{name} (in {info.file.name})")
-            continue
         seen.add((rule.hf, layer))
         if rule.target is None:
             continue
+        row = None if layer is None else rows[_group(rule)].index(layer)
         placements.append(
-            Placement(info, tuple(rule.target.split("/")), layer,
+            Placement(info, tuple(rule.target.split("/")), row,
                       tuple(TRANSFORMS[t] for t in rule.transforms))
         )
     where = _where(tensors)
@@ -178,7 +225,7 @@ def plan(cfg: ModelConfig, keymap: KeyMap, tensors: Mapping[str, TensorInfo]) ->
     missing = [
         r.name(layer)
         for r in rules if r.target is not None
-        for layer in (range(cfg.num_layers) if r.per_layer else [None])
+        for layer in (rows[_group(r)] if r.per_layer else [None])
         if (r.hf, layer) not in seen
     ]
     if missing:

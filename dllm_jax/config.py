@@ -1,8 +1,9 @@
-"""Model configuration: one frozen dataclass that expresses LLaDA, Dream, SDAR and tiny test models.
+"""Model configuration: one frozen dataclass that expresses LLaDA, Dream, SDAR, DiffusionGemma and
+tiny test models.
 
 `ModelConfig.from_hf_config(d)` reads a Hugging Face `config.json` (as downloaded) and detects
-the architecture from its `model_type`. Everything here is hashable so that a config can be a
-static argument of `jax.jit`.
+the architecture from its `model_type` (DiffusionGemma's reading and checks: `config_gemma.py`).
+Everything here is hashable so that a config can be a static argument of `jax.jit`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import json
 import os
 from typing import Any, Literal, Mapping
 
-Arch = Literal["llada", "dream", "sdar"]
-ARCHITECTURES: tuple[str, ...] = ("llada", "dream", "sdar")
+from dllm_jax import config_gemma
+
+Arch = Literal["llada", "dream", "sdar", "diffusion_gemma"]
+ARCHITECTURES: tuple[str, ...] = ("llada", "dream", "sdar", "diffusion_gemma")
 
 # model_type strings found in the published config.json files, mapped to our architectures.
 _MODEL_TYPES: dict[str, str] = {
     "llada": "llada",
     "dream": "dream",
     "sdar": "sdar",
+    "diffusion_gemma": "diffusion_gemma",
+    "diffusion_gemma_text": "diffusion_gemma",
 }
 
 # Public defaults of the released checkpoints (used when config.json omits them).
@@ -57,6 +62,12 @@ class ModelConfig:
       max_position: longest sequence (prompt + answer) the model accepts.
       mask_token_id, eos_token_id, pad_token_id: special token ids.
       eot_token_id: end-of-turn id (LLaDA-Instruct's <|eot_id|>), or -1.
+    DiffusionGemma only (`config_gemma.py`; 0 / () elsewhere): layer_types ("sliding" |
+      "full" per layer; num_kv_heads, head_dim and rope_theta are the sliding layers'),
+      sliding_window (keys a sliding layer sees, itself included), global_head_dim,
+      global_num_kv_heads, global_rope_theta, global_rope_fraction (the full layers';
+      their keys double as values), num_experts, top_k_experts, moe_intermediate_size,
+      logit_softcap (cap * tanh(logits / cap); 0: none), canvas_length.
     """
 
     arch: str = "llada"
@@ -80,12 +91,30 @@ class ModelConfig:
     eos_token_id: int = 1
     pad_token_id: int = 1
     eot_token_id: int = -1
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int = 0
+    global_head_dim: int = 0
+    global_num_kv_heads: int = 0
+    global_rope_theta: float = 0.0
+    global_rope_fraction: float = 1.0
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    logit_softcap: float = 0.0
+    canvas_length: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ConfigError(
                 f"unknown architecture {self.arch!r}; use one of {', '.join(ARCHITECTURES)}."
             )
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # JSON gives lists
+        if self.arch == config_gemma.ARCH:
+            if (problem := config_gemma.check(self)) is not None:
+                raise ConfigError(problem)
+        elif self.layer_types or self.num_experts or self.logit_softcap or self.canvas_length:
+            raise ConfigError("layer_types, num_experts, logit_softcap and canvas_length are "
+                              "DiffusionGemma fields; leave them unset for " + self.arch + ".")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "intermediate_size", "max_position"):
             if int(getattr(self, name)) <= 0:
@@ -139,6 +168,8 @@ class ModelConfig:
         elif arch == "sdar":
             base.update(qk_norm=True, block_causal=True, block_size=4, num_kv_heads=2,
                         rms_norm_eps=1e-6)
+        elif arch == config_gemma.ARCH:
+            base.update(config_gemma.TINY)
         base.update(overrides)
         return cls(**base)
 
@@ -172,6 +203,8 @@ class ModelConfig:
                 f"{', '.join(sorted(_MODEL_TYPES))} (LLaDA, Dream, SDAR checkpoints)."
             )
         try:
+            if arch == config_gemma.ARCH:
+                return cls(**config_gemma.from_hf(hf, ConfigError))
             if arch == "llada":
                 return _from_llada(hf)
             return _from_qwen_like(hf, arch)
@@ -313,6 +346,11 @@ class GenerateConfig:
     block_length: tokens per block Lb (gen_length for Dream's whole-answer decoding).
     steps: step budget of the fixed schedules (LLaDA's transfer counts, Dream's time grid),
       split evenly across blocks as the originals do. Adaptive controllers may use fewer.
+      Every controller but Dream's orders commits at least one token per step, so a decode
+      of those runs at most gen_length steps: a larger budget is allowed here (LLaDA's
+      reference code accepts it and the parity tests use it) but has no effect, and the
+      command line refuses it (`cli_options.decode_settings`); Dream's orders run every step
+      of their time grid, committing nothing in some.
     temperature: 0 is greedy; see `features.observe` for the two sampling conventions.
     cfg_scale: classifier-free guidance (LLaDA): logits = u + (cfg + 1) * (c - u), where u
       comes from a second forward with the prompt masked.

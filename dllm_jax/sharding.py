@@ -40,6 +40,7 @@ RULES: dict[str, str | None] = {
     "layers": None,         # stacked layer axis (scanned)
     "qkv": None,            # fused q|k|v columns (models.params.FUSED): not split, see there
     "gate_up": None,        # fused gate|up columns
+    "expert": "model",      # MoE expert stacks (DiffusionGemma)
     "answer": None,         # per-answer-position histories (small)
     "block": None,          # the active block
     "steps": None,          # trace rows

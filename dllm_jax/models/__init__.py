@@ -7,7 +7,9 @@
 A family is one module with its params table (`params.Family`: each weight's shape, logical
 axes, initialiser and Hugging Face name) registered in `FAMILIES` by `ModelConfig.arch`:
 `llada` (llada.py), `dream` (qwen2.py), `sdar` (qwen3.py). The dense-decoder forward passes
-they share are in `transformer.py`, over the layers of `layers.py`. The sharding rules
+they share are in `transformer.py`, over the layers of `layers.py`. `diffusion_gemma`
+(diffusion_gemma.py, with moe.py) is an encoder + canvas denoiser with its own entry points
+(`diffusion_gemma.encode` / `denoise`), not `apply`. The sharding rules
 (`sharding.param_axes`), the converter's key map (`checkpoints_convert`) and the layouts
 (`decode_layout`) read the family table, so adding a family is one module + its table.
 """
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.models import llada, qwen2, qwen3
+from dllm_jax.models import diffusion_gemma, llada, qwen2, qwen3
 from dllm_jax.models.params import (FUSED, Family, Fused, Params, Weight, decode_layout,
                                     init_from_table, shapes_from_table, stack_layers,
                                     unstack_layers)
@@ -28,7 +30,8 @@ from dllm_jax.models.transformer import (apply, apply_cached, apply_refresh,
                                          default_positions, logit_source_index, query_logits,
                                          run_layers)
 
-FAMILIES: dict[str, Family] = {f.arch: f for f in (llada.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {f.arch: f for f in (llada.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
+                                                   diffusion_gemma.FAMILY)}
 
 
 def family(arch_or_cfg: str | ModelConfig) -> Family:

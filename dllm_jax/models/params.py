@@ -8,7 +8,9 @@ fused layouts) all read the same `Family` table.
 Layouts of a params pytree (dense weights `[in, out]`, transposed from PyTorch's `[out, in]`):
 
   stacked (on disk, CPU): `layers/<name>` holds all layers, `[num_layers, ...]`, run by one
-    `lax.scan`.
+    `lax.scan`. A family whose layers differ in shape (DiffusionGemma: sliding and full
+    attention layers with their own head dims) also has layer groups, `<group>/<name>`
+    stacked over the layers of that group only (`Family.layer_groups`).
   per-layer (accelerators): `layers` is a list of dicts, one buffer per weight and layer,
     optionally FUSED: `qkv_proj [D, q+2kv]` (= q|k|v), `qkv_bias`, `gate_up_proj [D, 2F]`.
 """
@@ -32,7 +34,8 @@ class Weight:
     """One parameter.
 
     Attributes:
-      path: "embed", "final_norm", or "layers/<name>" for a per-layer weight.
+      path: "embed", "final_norm", or "<group>/<name>" for a per-layer weight: group
+        "layers" (every layer) or one of the family's `layer_groups`.
       axes: logical axes of the tensor (of ONE layer for per-layer weights; the stacked
         layout prepends "layers").
       shape: ModelConfig -> shape (of one layer).
@@ -41,6 +44,8 @@ class Weight:
       when: a boolean ModelConfig field ("!field" for its negation) that must hold for the
         weight to exist (e.g. biases only with `qkv_bias`).
       init: "normal" | "ones" | "zeros" (`init_params`).
+      transforms: converter transforms (`checkpoints_convert.keymap.TRANSFORMS`) applied
+        after `transposed`, for tensors a plain transpose does not fit (expert stacks).
     """
 
     path: str
@@ -50,10 +55,16 @@ class Weight:
     transposed: bool = False
     when: str | None = None
     init: str = "normal"
+    transforms: tuple[str, ...] = ()
 
     @property
     def per_layer(self) -> bool:
-        return self.path.startswith("layers/")
+        return "/" in self.path
+
+    @property
+    def group(self) -> str | None:
+        """The layer group of a per-layer weight ("layers" = every layer), else None."""
+        return self.path.split("/", 1)[0] if self.per_layer else None
 
     @property
     def name(self) -> str:
@@ -100,20 +111,36 @@ class Family:
       hf_skip: (Hugging Face name, when) of known tensors deliberately not converted (e.g. a
         saved LM head that duplicates tied embeddings).
       hf_ignore: regular expressions of known non-parameter buffers (`rotary_emb.inv_freq`).
+      hf_dropped: (regular expression, what they are) of known tensors deliberately left
+        out of the conversion with a notice (e.g. a vision tower of a text-only port).
+      layer_groups: ModelConfig -> {group: the layer indices it stacks}, for per-layer
+        weights that exist on some layers only (None: only the "layers" group).
     """
 
     arch: str
     weights: tuple[Weight, ...]
     hf_skip: tuple[tuple[str, str | None], ...] = ()
     hf_ignore: tuple[str, ...] = (r".*rotary_emb\.inv_freq$",)
+    hf_dropped: tuple[tuple[str, str], ...] = ()
+    layer_groups: Callable[[ModelConfig], Mapping[str, tuple[int, ...]]] | None = None
 
     def present(self, cfg: ModelConfig) -> tuple[Weight, ...]:
         return tuple(w for w in self.weights if w.applies(cfg))
 
+    def rows(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """`{group: layer indices}`; row r of a group's stack holds layer `rows[group][r]`."""
+        out = {"layers": tuple(range(cfg.num_layers))}
+        if self.layer_groups is not None:
+            out.update({g: tuple(ix) for g, ix in self.layer_groups(cfg).items()})
+        return out
+
     def axes(self) -> dict[str, tuple[str, ...]]:
         """`{name: logical axes}` for every weight (per-layer names without "layers/") and
-        every fused weight."""
-        out = {w.name: w.axes for w in self.weights}
+        every fused weight. Weights of other layer groups are only ever stacked, so their
+        axes include the leading "layers" (`sharding.param_axes` prepends it for "layers/"
+        paths only)."""
+        out = {w.name: (w.axes if w.group in (None, "layers") else ("layers", *w.axes))
+               for w in self.weights}
         out.update({f.name: f.axes for f in FUSED})
         return out
 
@@ -154,12 +181,16 @@ def dense_decoder(names: Mapping[str, str]) -> tuple[Weight, ...]:
 def shapes_from_table(family: Family, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
     """The stacked params pytree of `cfg` as `jax.ShapeDtypeStruct`s (no memory allocated)."""
     dt = jnp.dtype(dtype)
+    rows = family.rows(cfg)
     params: Params = {}
     layers: Params = {}
     for w in family.present(cfg):
         shape = w.shape(cfg)
-        if w.per_layer:
+        if w.group == "layers":
             layers[w.name] = jax.ShapeDtypeStruct((cfg.num_layers, *shape), dt)
+        elif w.per_layer:
+            params.setdefault(w.group, {})[w.name] = jax.ShapeDtypeStruct(
+                (len(rows[w.group]), *shape), dt)
         else:
             params[w.path] = jax.ShapeDtypeStruct(shape, dt)
     params["layers"] = layers
@@ -170,12 +201,12 @@ def init_from_table(family: Family, cfg: ModelConfig, key: jax.Array, dtype: Any
                     std: float = 0.02) -> Params:
     """Random params: normal(0, std) weights, zero biases, unit norm scales."""
     shapes = shapes_from_table(family, cfg, dtype)
-    kinds = {w.name: w.init for w in family.weights}
+    kinds = {w.path: w.init for w in family.weights}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
     out = []
     for (path, sd), k in zip(leaves, keys):
-        kind = kinds[str(path[-1].key)]
+        kind = kinds["/".join(str(p.key) for p in path)]
         if kind == "ones":
             out.append(jnp.ones(sd.shape, sd.dtype))
         elif kind == "zeros":
