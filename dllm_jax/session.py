@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
+from dllm_jax.tokenizer import cut_at_eos  # noqa: F401  (part of the front door's API)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -84,12 +85,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
             ids[r, width - len(s):] = s
             valid[r, width - len(s):] = True
     return ids, valid
-
-
-def cut_at_eos(tokens: Sequence[int] | np.ndarray, eos_id: int) -> list[int]:
-    """Answer ids `[gen_length]` -> the ids before the first EOS (all of them without one)."""
-    out = [int(t) for t in np.asarray(tokens).reshape(-1)]
-    return out[:out.index(eos_id)] if eos_id in out else out
 
 
 def check_prompt_ids(ids: Sequence[int], cfg: ModelConfig, gen_length: int) -> None:

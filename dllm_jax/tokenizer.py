@@ -108,6 +108,12 @@ def _compile_chat_template(source: str):
     return env.from_string(source)
 
 
+def cut_at_eos(tokens: Sequence[int] | np.ndarray, eos_id: int) -> list[int]:
+    """Answer ids `[gen_length]` -> the ids before the first EOS (all of them without one)."""
+    out = [int(t) for t in np.asarray(tokens).reshape(-1)]
+    return out[:out.index(eos_id)] if eos_id in out else out
+
+
 @dataclass
 class Tokenizer:
     """Text <-> token ids, chat templates and left-padded batches.

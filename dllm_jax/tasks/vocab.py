@@ -117,8 +117,8 @@ def encode_answer(tokenizer: "Tokenizer", answer: str, length: int) -> list[int]
 
 def decode_answer(tokenizer: "Tokenizer", ids: Sequence[int]) -> str:
     """Text of generated answer ids: everything up to the first ``<eos>``, specials dropped."""
-    ids = [int(i) for i in ids]
+    from dllm_jax.tokenizer import cut_at_eos
+
     eos = tokenizer.eos_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
+    ids = [int(i) for i in ids] if eos is None else cut_at_eos(ids, eos)
     return tokenizer.decode(ids, skip_special_tokens=True)
