@@ -190,7 +190,7 @@ def markdown(records: Sequence[Record], header: Sequence[str] = (),
         return "\n".join(parts + ["", "(no settings were run.)"]) + "\n"
     parts += ["", "### Overall (all tasks pooled)", "", overall_table(records, seconds),
               "", "### By dependency level", "", per_level_table(records),
-              "", "### Targets (issue 12)", "", targets_table(records), "",
+              "", "### Targets (TSPD + CE against threshold 0.9 and one token per step)", "", targets_table(records), "",
               discrimination(records), "", "### Per task", "", per_task_table(records)]
     return "\n".join(parts) + "\n"
 
