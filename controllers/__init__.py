@@ -9,15 +9,18 @@ controller is one new module, imported below so that it registers when `controll
 from __future__ import annotations
 
 # Each of these modules registers its controllers on import.
-from controllers import baselines, ce, r2, r2_centred, tspd  # noqa: F401  (registration)
+from controllers import (baselines, ce, r2, r2_centred,  # noqa: F401  (registration)
+                         left_to_right, simsd, tspd)
 from controllers.base import Controller, at_least_one, top_k_commit
 from controllers.baselines import DREAM_ALGS, DreamOrder, Factor, LowConfidence, Threshold
 from controllers.ce import CE
+from controllers.left_to_right import LeftToRight
 from controllers.r2 import R2
 from controllers.r2_centred import R2_AGGS, R2Centred
 from controllers.registry import (ControllerOptions, OptionError, applicable_options,
                                   controller_names, get_spec, make_controller, option, register,
                                   require, shared_options)
+from controllers.simsd import SimSD
 from controllers.tspd import TSPD, TSPD_FILE, TSPDError, TSPDParams, load_tspd, read_tspd
 from dllm_jax.features import CEFilter
 
@@ -29,7 +32,7 @@ ALL_CONTROLLER_NAMES: tuple[str, ...] = CONTROLLER_NAMES + FITTED_CONTROLLER_NAM
 
 __all__ = ["ALL_CONTROLLER_NAMES", "CE", "CEFilter", "CONTROLLER_NAMES", "Controller",
            "ControllerOptions", "DREAM_ALGS", "DreamOrder", "FITTED_CONTROLLER_NAMES", "Factor",
-           "LowConfidence", "OptionError", "R2", "R2Centred", "R2_AGGS", "TSPD", "TSPDError", "TSPDParams",
+           "LeftToRight", "LowConfidence", "OptionError", "R2", "R2Centred", "R2_AGGS", "SimSD", "TSPD", "TSPDError", "TSPDParams",
            "TSPD_FILE", "Threshold", "applicable_options", "at_least_one", "controller_names",
            "get_spec", "load_tspd", "make_controller", "option", "read_tspd", "register",
            "require", "shared_options", "top_k_commit"]

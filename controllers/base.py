@@ -5,10 +5,15 @@ parameters as leaves) with
 
     sampler: str                          "llada" | "dream" (how candidates are drawn)
     trajectory_filter: CEFilter | None    the CE filter the decode loop runs, or None
+    verify: Verify | None                 speculative decoding (decoding order, acceptance
+                                          rule): the loop runs verification forwards, or None
     init(batch, block) -> state
     decide(feats, traj, ctx, state) -> (commit [B, Lb] bool, state)
 
-That is everything the decode loop reads from a controller. Controllers are built by name
+That is everything the decode loop reads from a controller. With `verify` set (SimSD,
+`dllm_jax/speculative.py`), `ctx.accepted` holds the run the acceptance rule commits and the
+loop keeps the longest prefix (in decoding order, at least one position) of `decide`'s
+commit within it. Controllers are built by name
 with `controllers.make_controller` (see `controllers/registry.py`).
 
 `decide` is pure and jit-compatible; it never branches in Python on traced values. The
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.features import CEFilter
+from dllm_jax.speculative import Verify
 from dllm_jax.state import BlockContext, Features, Trajectory
 
 
@@ -36,6 +42,9 @@ class Controller(Protocol):
     #: (see `dllm_jax.features.update_trajectory`), or None when the controller reads no
     #: filter (then those fields are left as they are).
     trajectory_filter: CEFilter | None
+    #: The speculative capability (`dllm_jax.speculative.Verify`: decoding order and
+    #: acceptance rule) that makes the decode loop verify drafts, or None (plain steps).
+    verify: Verify | None
 
     def init(self, batch: int, block: int) -> Any: ...
 

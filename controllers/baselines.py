@@ -45,6 +45,7 @@ class LowConfidence:
     remasking: str = struct.field(pytree_node=False, default="low_confidence")
     sampler: str = struct.field(pytree_node=False, default="llada")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -70,6 +71,7 @@ class Threshold:
     threshold: float = struct.field(pytree_node=False, default=0.9)
     sampler: str = struct.field(pytree_node=False, default="llada")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -104,6 +106,7 @@ class Factor:
     factor: float = struct.field(pytree_node=False, default=1.0)
     sampler: str = struct.field(pytree_node=False, default="llada")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()
@@ -154,6 +157,7 @@ class DreamOrder:
     alg_temp: float = struct.field(pytree_node=False, default=0.0)
     sampler: str = struct.field(pytree_node=False, default="dream")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,7 @@ class CE:
     flat_tol: float = struct.field(pytree_node=False, default=0.1)
     trajectory_filter: CEFilter = struct.field(pytree_node=False, default=CEFilter())
     sampler: str = struct.field(pytree_node=False, default="llada")
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()

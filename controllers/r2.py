@@ -157,6 +157,7 @@ class R2:
     temporal_eval: str = struct.field(pytree_node=False, default="last")
     sampler: str = struct.field(pytree_node=False, default="llada")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> StreakState:
         return StreakState.zeros(batch, block)

@@ -81,6 +81,7 @@ class R2Centred:
     temporal: bool = struct.field(pytree_node=False, default=True)
     sampler: str = struct.field(pytree_node=False, default="llada")
     trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
 
     def init(self, batch: int, block: int) -> Any:
         return ()

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,7 @@ class TSPD:
     horizon: int = struct.field(pytree_node=False, default=2)
     ce_filter: CEFilter = struct.field(pytree_node=False, default=CEFilter())
     sampler: str = struct.field(pytree_node=False, default="llada")
+    verify: ClassVar[None] = None
 
     @property
     def trajectory_filter(self) -> Optional[CEFilter]:

@@ -8,6 +8,13 @@ Each loop iteration is one denoising step of the active block:
   3. `controller.decide` -> commit mask `[B, Lb]`,
   4. write committed tokens, record the step that fixed them, count NFE,
   5. when no row has a MASK left in the block, move to the next block that has one.
+A controller that declares `verify` (a `speculative.Verify`: decoding order and acceptance
+rule; None for the others) makes the loop speculative (SimSD, `dllm_jax/speculative.py`):
+every step but the decode's first (a plain forward that commits the first position in
+decoding order and drafts the others) is ONE verification forward over copies of the block
+holding the drafts, whose acceptance rule gives the run to commit (`ctx.accepted`; the
+controller may commit a prefix of it) and whose outputs are the next drafts (the next
+block's, when the step completes the block). Still one forward per iteration, counted once.
 Blocks advance in lockstep over the batch (as in LLaDA / Fast-dLLM); a row that has finished
 the block waits without changing and without counting forwards, so a row's result never
 depends on the others.
@@ -26,9 +33,11 @@ from flax import struct
 from dllm_jax import features as F
 from dllm_jax import models as M
 from dllm_jax import sharding as S
+from dllm_jax import speculative as SP
+from dllm_jax import speculative_step as SPS
 from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
-from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Trajectory
+from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Drafts, Trajectory
 
 # Per-step trace buffers `[S, B, Lb]` (GenerateConfig.trace): the Features fields + commits.
 TRACE_FIELDS: dict[str, Any] = {"candidate": jnp.int32, "confidence": jnp.float32,
@@ -48,8 +57,35 @@ class GenerateError(ValueError):
     """Bad input to `generate`; the message names the problem and the fix."""
 
 
+def _validate_speculative(model_cfg: ModelConfig, gen_cfg: GenerateConfig, controller: Any,
+                          total: int, draft_params: Any, draft_cfg: Any) -> None:
+    name = type(controller).__name__
+    if controller.verify is None:
+        if draft_params is not None or draft_cfg is not None:
+            raise GenerateError(f"a draft model is only used by a speculative controller (one "
+                                f"that declares verify, e.g. simsd), not by {name}.")
+        return
+    try:
+        controller.verify.rule(gen_cfg.temperature)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if (draft_params is None) != (draft_cfg is None):
+        raise GenerateError("a draft model needs both draft_params and draft_cfg.")
+    if draft_cfg is not None:
+        if (draft_cfg.vocab_size, draft_cfg.mask_token_id) != (model_cfg.vocab_size,
+                                                                model_cfg.mask_token_id):
+            raise GenerateError(
+                f"the draft model must share the target's tokenizer: vocabulary "
+                f"{draft_cfg.vocab_size} / MASK {draft_cfg.mask_token_id} vs "
+                f"{model_cfg.vocab_size} / {model_cfg.mask_token_id}.")
+        if total > draft_cfg.max_position:
+            raise GenerateError(f"prompt + answer = {total} tokens exceeds the draft model's "
+                                f"maximum length {draft_cfg.max_position}.")
+
+
 def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
-              gen_cfg: GenerateConfig, controller: Any) -> tuple[np.ndarray, np.ndarray]:
+              gen_cfg: GenerateConfig, controller: Any, draft_params: Any = None,
+              draft_cfg: Any = None) -> tuple[np.ndarray, np.ndarray]:
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -72,10 +108,12 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
             f"prompt ({prompt.shape[1]}) + answer ({gen_cfg.gen_length}) = {total} tokens exceeds "
             f"the model's maximum length {model_cfg.max_position}; shorten the prompt or "
             f"--gen-length.")
-    if not all(hasattr(controller, a) for a in ("init", "decide", "sampler", "trajectory_filter")):
+    if not all(hasattr(controller, a)
+               for a in ("init", "decide", "sampler", "trajectory_filter", "verify")):
         raise GenerateError(
-            f"{type(controller).__name__} is not a controller (needs init, decide, sampler and "
-            f"trajectory_filter); build one with controllers.make_controller(name).")
+            f"{type(controller).__name__} is not a controller (needs init, decide, sampler, "
+            f"trajectory_filter and verify); build one with controllers.make_controller(name).")
+    _validate_speculative(model_cfg, gen_cfg, controller, total, draft_params, draft_cfg)
     return prompt.astype(np.int32), valid
 
 
@@ -89,6 +127,8 @@ def generate(
     prompt_valid: Any = None,
     key: jax.Array | None = None,
     mesh: Any = None,
+    draft_params: Any = None,
+    draft_cfg: ModelConfig | None = None,
 ) -> GenerateOutput:
     """Decode answers for a batch of (left-padded) prompts.
 
@@ -104,17 +144,24 @@ def generate(
         params, prompt, loop carry and KV cache are laid out by the rules in `sharding.py`
         and the model's attention runs sequence-parallel when seq > 1 (the mesh is passed
         down explicitly). None: one device (unchanged).
+      draft_params, draft_cfg: a smaller model with the target's tokenizer that drafts for
+        a speculative controller (`controller.verify`), instead of self-drafting.
     Returns:
       GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
     """
-    prompt, valid = _validate(model_cfg, prompt, prompt_valid, gen_cfg, controller)
+    prompt, valid = _validate(model_cfg, prompt, prompt_valid, gen_cfg, controller,
+                              draft_params, draft_cfg)
     if key is None:
         key = jax.random.key(0)
     if mesh is not None:
         args = S.place_generate_inputs(mesh, params, prompt, valid, key, controller)
-        return _generate_jit(*args, model_cfg=model_cfg, gen_cfg=gen_cfg, mesh=mesh)
+        if draft_params is not None:
+            draft_params = S.shard_params(draft_params, mesh)
+        return _generate_jit(*args, draft_params, model_cfg=model_cfg, gen_cfg=gen_cfg,
+                             mesh=mesh, draft_cfg=draft_cfg)
     return _generate_jit(params, jnp.asarray(prompt), jnp.asarray(valid), key, controller,
-                         model_cfg=model_cfg, gen_cfg=gen_cfg)
+                         draft_params, model_cfg=model_cfg, gen_cfg=gen_cfg,
+                         draft_cfg=draft_cfg)
 
 
 @struct.dataclass
@@ -161,12 +208,13 @@ def _cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Seq
 
 
 def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
-                  cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any
-                  ) -> tuple[jax.Array, KVCache | None]:
+                  cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any,
+                  refresh: bool = False) -> tuple[jax.Array, KVCache | None]:
     """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`.
 
     Without a cache: one full forward. With one: a refresh (full forward that also rebuilds
-    the cache) at block starts / every `refresh_every` steps, else a cached step.
+    the cache) at block starts / every `refresh_every` steps (always, with `refresh`), else
+    a cached step.
     """
     b2 = seq.tokens.shape[0]
     qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
@@ -175,22 +223,20 @@ def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequ
         logits = M.apply(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
                          attn_impl=gen.attn_impl, mesh=mesh)
     else:
-        def refresh(c: KVCache) -> tuple[jax.Array, KVCache]:
+        def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
             return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
                                    attn_impl=gen.attn_impl, mesh=mesh)
 
         def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
             return _cached_logits(params, cfg, gen, seq, c, start, mesh), c
 
-        logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
-                                     refresh, cached, cache)
-    if gen.cfg_scale > 0:
-        b = b2 // 2
-        cond, unc = logits[:b], logits[b:]
-        logits = unc + (gen.cfg_scale + 1.0) * (cond - unc)
-    # MASK is never a candidate: a committed MASK would be decoded again forever.
-    banned = (cfg.mask_token_id, cfg.eos_token_id) if gen.logits_eos_inf else (cfg.mask_token_id,)
-    return F.suppress_tokens(logits, banned), cache
+        if refresh:
+            logits, cache = refresh_fn(cache)
+        else:
+            logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
+                                         refresh_fn, cached, cache)
+    # Guidance, and MASK never a candidate: a committed MASK would be decoded again forever.
+    return SP.finish_logits(cfg, gen, logits), cache
 
 
 def _next_block(answer: jax.Array, block: jax.Array, mask_id: int, gen: GenerateConfig
@@ -211,10 +257,34 @@ def _fill_after_eos(answer: jax.Array, fix_step: jax.Array, step: jax.Array, mas
     return jnp.where(fill, eos_id, answer), jnp.where(fill, step, fix_step)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "gen_cfg", "mesh"))
+def _speculative_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, spec: SP.Verify,
+                        seq: _Sequence, st: DecodeState, start: jax.Array,
+                        block_tokens: jax.Array, key: jax.Array, mesh: Any,
+                        draft: tuple[Any, ModelConfig] | None) -> tuple[Any, ...]:
+    """(logits, next-block logits, a, committed tokens, rank, draft forwards, cache) of a
+    speculative step: a plain block forward at the decode's first step when self-drafting
+    (nothing to verify yet), else a verification forward."""
+    b, lb = block_tokens.shape
+
+    def plain(c: Any) -> tuple[Any, ...]:
+        logits, c = _block_logits(params, cfg, gen, seq, c, start, st.block_step, mesh, True)
+        none, zero = jnp.full((b, lb), -1, jnp.int32), jnp.zeros((b,), jnp.int32)
+        nxt = jnp.zeros_like(logits) if gen.num_blocks > 1 else None
+        return logits, nxt, zero, none, none, zero, c
+
+    def verify(c: Any, kind: str) -> tuple[Any, ...]:
+        return SPS.verify_logits(params, cfg, gen, spec, seq.tokens, seq.positions, seq.valid,
+                                c, start, block_tokens, st.drafts, key, mesh, draft, kind)
+
+    first = st.stats.steps == 0 if draft is None else False
+    return SPS.speculative_step(gen, plain, verify, first, st.block_step, st.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "gen_cfg", "mesh", "draft_cfg"))
 def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: jax.Array,
-                  controller: Any, *, model_cfg: ModelConfig, gen_cfg: GenerateConfig,
-                  mesh: Any = None) -> GenerateOutput:
+                  controller: Any, draft_params: Any = None, *, model_cfg: ModelConfig,
+                  gen_cfg: GenerateConfig, mesh: Any = None,
+                  draft_cfg: ModelConfig | None = None) -> GenerateOutput:
     cfg, gen = model_cfg, gen_cfg
     b, p = prompt.shape
     g, lb, mask_id = gen.gen_length, gen.block_length, cfg.mask_token_id
@@ -225,6 +295,16 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     # A controller that reads the CE filter state declares its (static) settings as
     # `trajectory_filter`; the others declare None and the filter fields stay untouched.
     ce_filter = controller.trajectory_filter
+    # A speculative controller declares its decoding order and acceptance rule as `verify`.
+    spec = controller.verify
+    rule = None if spec is None else spec.rule(gen.temperature)
+    draft = None if draft_cfg is None else (draft_params, draft_cfg)
+    drafts0 = None
+    if spec is not None and draft is None:
+        drafts0 = Drafts(token=jnp.full((b, lb), -1, jnp.int32),
+                         score=jnp.zeros((b, lb), jnp.float32),
+                         logq=jnp.zeros((b, lb, cfg.vocab_size), jnp.float32)
+                         if rule == "sampling" else None)
     low_conf_ids: tuple[int, ...] = ()
     if gen.confidence_eos_eot_inf:
         low_conf_ids = tuple(i for i in (cfg.eos_token_id, cfg.eot_token_id) if i >= 0)
@@ -241,12 +321,14 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         block_step=jnp.int32(0),
         masked_at_block_start=jnp.full((b,), lb, jnp.int32),
         stats=DecodeStats(nfe=jnp.zeros((b,), jnp.int32), steps=jnp.int32(0),
-                          fix_step=jnp.full((b, g), -1, jnp.int32), trace=trace),
+                          fix_step=jnp.full((b, g), -1, jnp.int32), trace=trace,
+                          draft_nfe=jnp.zeros((b,), jnp.int32)),
         controller_state=controller.init(b, lb),
         key=key,
         cache=None if gen.cache == "none" else KVCache.zeros(
             cfg.num_layers, 2 * b if gen.cfg_scale > 0 else b, p + g, cfg.num_kv_heads,
             cfg.head_dim, params["embed"].dtype),
+        drafts=drafts0,
     )
     state = S.constrain_state(state, mesh)  # no-op without a mesh
 
@@ -255,21 +337,37 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
 
     def body(st: DecodeState) -> DecodeState:
         step = st.stats.steps
-        key, k_obs, k_ctl = jax.random.split(st.key, 3)
+        key, k_obs, k_ctl, k_spec, k_next = jax.random.split(st.key, 5)
         a0 = st.block * lb                      # answer index of the block start
         block_tokens = jax.lax.dynamic_slice_in_dim(st.tokens, p + a0, lb, axis=1)
         active = jnp.any(block_tokens == mask_id, axis=1)
         seq = _model_batch(cfg, gen, st.tokens, positions, valid, prompt_region)
-        logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, st.block_step,
-                                      mesh)
+        n_draft = jnp.zeros((b,), jnp.int32)
+        if spec is None:
+            logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0,
+                                          st.block_step, mesh)
+        else:
+            logits, next_logits, n_acc, spec_tok, rank, n_draft, cache = _speculative_logits(
+                params, cfg, gen, spec, seq, st, p + a0, block_tokens, k_spec, mesh, draft)
         feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
                           controller.sampler, low_conf_ids)
+        accepted = None
+        if spec is not None:   # the run the acceptance rule commits; its tokens
+            rank = jnp.where(rank < 0,              # a plain step ranks by its own output
+                             SP.decoding_rank(spec.order, feats.masked, feats.confidence), rank)
+            n_masked = jnp.sum(feats.masked, axis=1, dtype=jnp.int32)
+            accepted = feats.masked & (rank < jnp.minimum(n_acc + 1, n_masked)[:, None])
+            feats = feats.replace(candidate=jnp.where(spec_tok >= 0, spec_tok, feats.candidate))
         win = F.update_trajectory(st.traj.window(a0, lb), feats, gen.momentum_beta, ce_filter)
         ctx = BlockContext(step=step, block_step=st.block_step, block=st.block,
                            masked_at_block_start=st.masked_at_block_start, active=active,
-                           key=k_ctl, steps_per_block=gen.steps_per_block)
+                           key=k_ctl, steps_per_block=gen.steps_per_block, accepted=accepted)
         commit, cstate = controller.decide(feats, win, ctx, st.controller_state)
         commit = commit & feats.masked & active[:, None]
+        drafts = st.drafts
+        if spec is not None:   # a prefix of the decoding order, at least one position
+            run = jnp.maximum(SP.run_length(commit & accepted, rank), jnp.minimum(n_masked, 1))
+            commit = feats.masked & (rank < run[:, None]) & active[:, None]
         new_block = jnp.where(commit, feats.candidate, block_tokens)
         tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, new_block, p + a0, axis=1)
         fix_win = jax.lax.dynamic_slice_in_dim(st.stats.fix_step, a0, lb, axis=1)
@@ -280,6 +378,16 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             answer, fix_step = _fill_after_eos(answer, fix_step, step, mask_id, cfg.eos_token_id)
             tokens = tokens.at[:, p:].set(answer)
 
+        if spec is not None and draft is None:      # the drafts the next step verifies
+            drafts = SPS.next_drafts(feats, logits, rule, gen.temperature)
+            if next_logits is not None:             # a completed block: the next block's
+                nf = F.observe(next_logits, jnp.full_like(block_tokens, mask_id), mask_id,
+                               k_next, gen.temperature, controller.sampler, low_conf_ids)
+                done = ~jnp.any(jax.lax.dynamic_slice_in_dim(answer, a0, lb, axis=1) == mask_id,
+                                axis=1)
+                drafts = SPS.where_rows(done, SPS.next_drafts(nf, next_logits, rule,
+                                                            gen.temperature), drafts)
+            drafts = SPS.where_rows(active, drafts, st.drafts)
         nxt = _next_block(answer, st.block, mask_id, gen)
         moved = nxt != st.block
         nxt_tokens = jax.lax.dynamic_slice_in_dim(answer, nxt * lb, lb, axis=1)
@@ -291,7 +399,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             rec.update(commit=commit, block=st.block)
             tr = {k: v.at[step].set(rec[k]) for k, v in tr.items()}
         stats = DecodeStats(nfe=st.stats.nfe + active.astype(jnp.int32),
-                            steps=step + 1, fix_step=fix_step, trace=tr)
+                            steps=step + 1, fix_step=fix_step, trace=tr,
+                            draft_nfe=st.stats.draft_nfe + n_draft * active)
         return S.constrain_state(DecodeState(
             tokens=tokens,
             traj=st.traj.write_window(a0, win),
@@ -302,6 +411,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             controller_state=cstate,
             key=key,
             cache=cache,
+            drafts=drafts,
         ), mesh)
 
     final = jax.lax.while_loop(cond, body, state)

@@ -87,6 +87,9 @@ class BlockContext:
     active: bool `[B]`, the row still has MASKs in the active block.
     key: PRNG key for this step (random remasking, sampled orderings).
     steps_per_block: static int, the step budget of one block (schedules read it).
+    accepted: bool `[B, Lb]` in a speculative loop (the controller declares `verify`): the
+      positions the verification's acceptance rule commits this step, a prefix of the
+      decoding order (`dllm_jax.speculative`); None in other loops.
     """
 
     step: jax.Array
@@ -96,6 +99,7 @@ class BlockContext:
     active: jax.Array
     key: jax.Array
     steps_per_block: int = struct.field(pytree_node=False, default=1)
+    accepted: Any = None
 
 
 @struct.dataclass
@@ -108,12 +112,30 @@ class DecodeStats:
     steps: int32 scalar, loop iterations.
     fix_step: int32 `[B, G]`, the step at which each answer position was committed (-1: never).
     trace: optional dict of per-step features `[S, B, Lb]` (+ `block` `[S]`), or None.
+    draft_nfe: int32 `[B]`, forward passes of a draft model (speculative decoding with
+      `draft_params`; zeros otherwise), not counted in `nfe`.
     """
 
     nfe: jax.Array
     steps: jax.Array
     fix_step: jax.Array
     trace: Any = None
+    draft_nfe: Any = None
+
+
+@struct.dataclass
+class Drafts:
+    """Pending self-drafts of a speculative loop, over the active block `[B, Lb]`: the
+    previous step's candidates, verified by the next step's forward.
+
+    token: int32 draft tokens. score: float32 their confidence (the "confidence" order).
+    logq: float32 `[B, Lb, V]` log-probabilities of the distributions the drafts were drawn
+      from (sampling acceptance), or None (greedy).
+    """
+
+    token: jax.Array
+    score: jax.Array
+    logq: Any = None
 
 
 @struct.dataclass
@@ -129,6 +151,7 @@ class DecodeState:
     controller_state: whatever the controller carries.
     key: PRNG key.
     cache: KVCache or None (no cache).
+    drafts: Drafts of a self-drafting speculative loop, else None.
     """
 
     tokens: jax.Array
@@ -140,3 +163,4 @@ class DecodeState:
     controller_state: Any
     key: jax.Array
     cache: Any = None
+    drafts: Any = None

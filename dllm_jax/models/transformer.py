@@ -7,6 +7,9 @@ asked for):
   `apply`          a full forward,
   `apply_refresh`  a full forward that also returns every layer's keys/values (a KVCache),
   `apply_cached`   a forward over a short region whose context comes from a KVCache.
+and one for speculative verification (`dllm_jax.speculative`), returning hidden states:
+  `apply_with_references`  tokens at explicit positions under an explicit attention mask,
+                   optionally after a KVCache's entries.
 Attention is chosen by explicit keywords carried down the call: `attn_impl` ("xla" | "cudnn" |
 "auto" | "ring") and `mesh` (a mesh whose `seq` axis is > 1 makes attention sequence-parallel).
 """
@@ -180,3 +183,47 @@ def apply_cached(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.A
 
     x, _ = run_layers(cfg, params, embed(params, tokens), cos, sin, attend, cache=cache)
     return query_logits(cfg, params, x, query_idx)
+
+
+def apply_with_references(params: Params, cfg: ModelConfig, tokens: jax.Array,
+                          positions: jax.Array, mask: jax.Array, *, cache: KVCache | None = None,
+                          n_main: int = 0, main_mask: jax.Array | None = None,
+                          collect_kv: bool = False, attn_impl: AttentionImpl = "auto",
+                          mesh: Any = None) -> Any:
+    """Final hidden states (before the final norm) of tokens under explicit masks.
+
+    Args:
+      tokens: `[B, n_main + R]` token ids: an optional main sequence (the first `n_main`),
+        then R reference tokens (e.g. copies of a region holding drafted tokens: the
+        speculative verification's groups).
+      positions: `[B, n_main + R]` their RoPE positions (a copy carries its original's).
+      mask: bool `[B, R, C + n_main + R]`: the keys each reference token may attend to: the C
+        entries of `cache` (C = 0 without one), then the main sequence, then the references.
+        The model's own rule (block-causal, padding) must already be in it.
+      cache: a KVCache `[L, B, C, Hkv, hd]` whose keys/values come first, or None.
+      n_main, main_mask: the main sequence attends only to itself, under `main_mask`
+        `[B, n_main, n_main]` (so it is exactly a full forward of those tokens).
+      collect_kv: also return every token's keys/values as a KVCache `[L, B, n_main + R,
+        Hkv, hd]` (the main sequence's are a refreshed cache).
+    Returns:
+      `[B, n_main + R, D]` hidden states (with collect_kv: and the KVCache);
+      `layers.lm_logits` turns chosen rows into logits (a position's logits come from the
+      row `logit_source_index` names).
+    """
+    if n_main and cache is not None:
+        raise ValueError("apply_with_references takes a main sequence or a cache, not both.")
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, ck: Any, cv: Any) -> jax.Array:
+        if ck is not None:
+            k, v = jnp.concatenate([ck, k], axis=1), jnp.concatenate([cv, v], axis=1)
+        if not n_main:
+            return dot_product_attention(q, k, v, mask, attn_impl, mesh)
+        main = dot_product_attention(q[:, :n_main], k[:, :n_main], v[:, :n_main], main_mask,
+                                     attn_impl, mesh)
+        refs = dot_product_attention(q[:, n_main:], k, v, mask, attn_impl, mesh)
+        return jnp.concatenate([main, refs], axis=1)
+
+    x, kv = run_layers(cfg, params, embed(params, tokens), cos, sin, attend, cache=cache,
+                       collect_kv=collect_kv)
+    return (x, KVCache(k=kv[0], v=kv[1])) if collect_kv else x
