@@ -35,17 +35,8 @@ from dllm_jax.models import diffusion_gemma as DG  # noqa: E402
 from dllm_jax.models.moe import route  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    """The references' seeds were chosen so that no transformers decision sits within float32
-    noise of flipping; that holds for torch's thread count on the 2-core machines (another
-    module sets 1 for the whole session), so this module runs with 2 threads."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+# the references' seeds hold for the 2-core machines' torch thread count (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_threads_2")
 
 
 try:  # tests/ as a package or as pytest's rootdir-inserted path
