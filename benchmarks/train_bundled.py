@@ -138,16 +138,14 @@ def main() -> int:
 
     with tarfile.open(os.path.join(args.out, "model.tar"), "w") as tar:
         tar.add(model_dir, arcname="model")
-    import shutil
-    shutil.rmtree(model_dir)  # only the tar travels back (the folder is too deep for $OUT)
-    with tarfile.open(os.path.join(args.out, "model.tar")) as tar:
-        tar.extractall("/tmp/eval-model-" + os.path.basename(os.path.abspath(args.out)))
-    model_dir = "/tmp/eval-model-" + os.path.basename(os.path.abspath(args.out)) + "/model"
     print("model.tar written", flush=True)
     results: dict = {}
     t = time.perf_counter()
-    if args.eval_n > 0:
+    if args.eval_n > 0:  # the saved folder, read back before it goes
         cfg2, params = load_model(model_dir, dtype="float32")
+    import shutil
+    shutil.rmtree(model_dir)  # only the tar travels back (the folder is too deep for $OUT)
+    if args.eval_n > 0:
         results = evaluate(params, cfg2, n=args.eval_n, prompt_length=cfg.prompt_length,
                            gen_length=cfg.answer_length, task_set=cfg.task_set,
                            block_length=args.block_size or None, batch_size=args.eval_n)
