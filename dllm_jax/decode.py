@@ -86,6 +86,10 @@ def _validate_speculative(model_cfg: ModelConfig, gen_cfg: GenerateConfig, contr
 def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
               gen_cfg: GenerateConfig, controller: Any, draft_params: Any = None,
               draft_cfg: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    if model_cfg.arch == "diffusion_gemma":
+        raise GenerateError("DiffusionGemma denoises a canvas of random tokens, not MASKs, and "
+                            "decodes with dllm_jax.diffusion_gemma_sampler.generate; "
+                            "decode.generate serves llada / dream / sdar models.")
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
         prompt = prompt[None]

@@ -324,3 +324,14 @@ def test_canvas_config_refusals():
             CanvasConfig(**bad)
     with pytest.raises(ValueError, match="exactly one"):
         generate({}, None, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), CanvasConfig())
+
+
+def test_decode_generate_refuses_diffusion_gemma_with_a_sentence() -> None:
+    from controllers import make_controller
+    from dllm_jax.config import GenerateConfig, ModelConfig
+    from dllm_jax.decode import GenerateError, generate as masked_generate
+
+    cfg = ModelConfig.tiny("diffusion_gemma")
+    with pytest.raises(GenerateError, match="diffusion_gemma_sampler.generate"):
+        masked_generate(None, cfg, np.array([[3, 4]]), GenerateConfig(gen_length=8, block_length=8, steps=8),
+                        make_controller("threshold"))
