@@ -26,6 +26,7 @@ from checkpoints_convert.keymap import KeyMap, Placement, dropped_tensors, keyma
 from dllm_jax.models import FAMILIES
 from dllm_jax.checkpoint import CheckpointError, check_destination, numpy_dtype, save_model
 from dllm_jax.config import ModelConfig
+from dllm_jax import progress
 from dllm_jax.models import Params, param_shapes
 
 KEYMAPS: dict[str, KeyMap] = {arch: keymap_for(fam) for arch, fam in FAMILIES.items()}
@@ -121,15 +122,20 @@ def convert(
     by_file: dict[Path, list[Placement]] = {}
     for p in placements:
         by_file.setdefault(p.info.file, []).append(p)
-    for n, path in enumerate(weights.files, 1):
-        todo = by_file.get(path, [])
-        wf = hf.open_weight_file(path, weights.kind)
-        try:
-            for p in todo:
-                copy_tensor(wf, p, _destination(params, p))
-        finally:
-            wf.close()
-        say(f"  [{n}/{len(weights.files)}] {path.name}: {len(todo)} tensors")
+    source_bytes = sum(int(np.prod(p.info.shape)) * p.info.dtype.itemsize for p in placements)
+    with progress.bar(source_bytes, "convert", quiet=log is None, unit="B",
+                      unit_scale=True, unit_divisor=1024) as pbar:
+        for n, path in enumerate(weights.files, 1):
+            todo = by_file.get(path, [])
+            wf = hf.open_weight_file(path, weights.kind)
+            try:
+                for p in todo:
+                    copy_tensor(wf, p, _destination(params, p))
+                    pbar.update(int(np.prod(p.info.shape)) * p.info.dtype.itemsize)
+            finally:
+                wf.close()
+            if not progress.shows_bar(log is None):
+                say(f"  [{n}/{len(weights.files)}] {path.name}: {len(todo)} tensors")
 
     save_model(dst_path, cfg, params, overwrite=overwrite, extra_files=hf.side_files(src_path))
     num_bytes = sum(a.nbytes for a in _leaves(params))

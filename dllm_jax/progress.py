@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["bar", "summary", "shows_bar"]
+__all__ = ["bar", "line", "summary", "shows_bar"]
 
 
 def shows_bar(quiet: bool, stream: IO[str] | None = None) -> bool:
@@ -38,3 +38,11 @@ def summary(line: str, *, quiet: bool = False, stream: IO[str] | None = None) ->
         return
     stream = sys.stderr if stream is None else stream
     print(line, file=stream, flush=True)
+
+
+def line(text: str, *, quiet: bool = False, stream: IO[str] | None = None) -> None:
+    """Print one progress line to ``stream`` (default stderr) without breaking a bar that is
+    being drawn there (tqdm clears and redraws it)."""
+    if quiet:
+        return
+    tqdm.write(text, file=sys.stderr if stream is None else stream)

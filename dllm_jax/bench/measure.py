@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import numpy as np
 
+from dllm_jax import progress
 from dllm_jax.bench import stats
 from dllm_jax.bench.settings import Setting
 from dllm_jax.config import ConfigError
@@ -174,7 +175,9 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
             result.skipped.append(why)
             _say(log, f"  skipped: {why}")
     t0 = clock()
+    pbar = progress.bar(len(runnable), "bench", quiet=log is None, unit="setting", stream=log)
     for i, st in enumerate(runnable):
+        pbar.set_postfix_str(st.label)
         if time_budget is not None and clock() - t0 >= time_budget:
             result.not_run = [s.label for s in runnable[i:]]
             _say(log, f"  time budget spent; not run: {', '.join(result.not_run)}")
@@ -197,12 +200,14 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
         nfe = sum(r.nfe_mean * r.n for r in recs) / max(1, sum(r.n for r in recs))
         _say(log, f"  [{i + 1}/{len(runnable)}] {st.label:24s} acc {100 * acc:5.1f}%  "
                   f"nfe {nfe:6.1f}  {result.seconds[st.label]:6.1f} s")
+        pbar.update(1)
+    pbar.close()
     return result
 
 
 def _say(log: TextIO | None, line: str) -> None:
     if log is not None:
-        print(line, file=log, flush=True)
+        progress.line(line, stream=log)
 
 
 __all__ = ["BenchResult", "Layout", "RECORD_FIELDS", "Record", "evaluate", "make_instances",

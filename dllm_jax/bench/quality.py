@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from dllm_jax import progress
 from dllm_jax.bench.measure import Layout, evaluate, make_instances
 from dllm_jax.bench.report import atomic_write_text, markdown, plot, records_json
 from dllm_jax.bench.settings import QUICK, all_settings, dedupe, select
@@ -167,6 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a few tasks, small n, a few settings and a 420 s time budget (< 10 "
                         "min on a 2-core CPU); explicit flags override")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress lines; only the tables")
     p.add_argument("--json", default=None, help="write one record per (task, setting) here")
     p.add_argument("--out", default=None, help="write the markdown tables here")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here "
@@ -208,10 +211,10 @@ def run(args: argparse.Namespace) -> int:
     trained_set = task_set_of(None, train_config)
     if train_config is not None and trained_set != task_set:
         notes.append(f"the model was trained on task set {trained_set}, not {task_set}.")
-    log = sys.stderr
-    print(f"bench quality: {model.model_dir}, task set {task_set}, {len(tasks)} tasks x {n}, "
+    log = None if args.quiet else sys.stderr
+    progress.summary(f"bench quality: {model.model_dir}, task set {task_set}, {len(tasks)} tasks x {n}, "
           f"{len(settings)} settings, answer {layout.gen_length} in blocks of "
-          f"{layout.block_length}, prompt width {layout.width}", file=log, flush=True)
+          f"{layout.block_length}, prompt width {layout.width}", quiet=args.quiet)
     total_budget = args.time_budget
     if total_budget is None and quick is not None:
         total_budget = quick.time_budget

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from dllm_jax import progress
 from dllm_jax.cli_options import check_number, flag_message
 from dllm_jax.models import param_shapes
 from dllm_jax.train.checkpoints import check_outputs, check_resumable
@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop with a checkpoint after this many seconds (resume later)")
     p.add_argument("--eval", type=int, default=0, metavar="N",
                    help="after training, score N held-out instances per task (one token per step)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress lines (errors still print)")
 
 
 def _lengths(args: argparse.Namespace, tasks: tuple[str, ...]) -> tuple[int, int]:
@@ -153,20 +155,21 @@ def run(args: argparse.Namespace) -> int:
     model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length,
                      block_size=args.block_size if args.block_diffusion else 0)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(param_shapes(model_cfg)))
-    print(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M params; {cfg.steps} steps of "
-          f"{cfg.batch_size} x {cfg.seq_length} tokens; tasks: {', '.join(cfg.task_names)}",
-          file=sys.stderr)
+    say = progress.summary
+    say(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M params; {cfg.steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_length} tokens; tasks: {', '.join(cfg.task_names)}",
+        quiet=args.quiet)
     try:
         res = train(cfg, model_cfg, args.out, ckpt_dir=args.ckpt_dir, resume=args.resume,
                     time_limit=args.time_limit, save_dtype=args.save_dtype,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, quiet=args.quiet)
     except TrainError as e:
         raise TrainError(flag_message(str(e), {"block_diffusion": "--block-diffusion"})) from None
     if res.out_dir is None:
-        print(f"stopped at step {res.step}/{cfg.steps}; continue with the same command and "
-              f"--resume.", file=sys.stderr)
+        say(f"stopped at step {res.step}/{cfg.steps}; continue with the same command and "
+            f"--resume.", quiet=args.quiet)
         return 0
-    print(f"saved {res.out_dir} ({res.step} steps, {res.seconds:.0f} s)", file=sys.stderr)
+    say(f"saved {res.out_dir} ({res.step} steps, {res.seconds:.0f} s)", quiet=args.quiet)
     if args.eval > 0:
         results = evaluate(res.params, model_cfg, tasks=cfg.task_names, n=args.eval,
                            prompt_length=cfg.prompt_length, gen_length=cfg.answer_length,

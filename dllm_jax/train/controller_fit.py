@@ -137,7 +137,7 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
            thresholds: Sequence[float] = (0.9, 0.7), include_reference: bool = True,
            use_ce: bool = True, horizon: int = 2, ce_filter: CEFilter = CEFilter(),
            batch_size: int = 32, key: Optional[jax.Array] = None,
-           content_only: bool = False) -> Recording:
+           content_only: bool = False, quiet: bool = True) -> Recording:
     """Record labelled TSPD feature rows from `params` on `prompts` (see the module doc).
 
     Args:
@@ -150,7 +150,9 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
       content_only: keep only rows of content positions (up to and including the reference
         answer's first EOS), so that EOS padding, which commits in the first forwards, does
         not dominate the fit.
+      quiet: False draws a progress bar over the decodes (on a terminal).
     """
+    from dllm_jax import progress
     from dllm_jax.decode import generate
 
     prompts = np.asarray(prompts, np.int32)
@@ -179,14 +181,19 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
         xs.append(x), ys.append(y), gs.append(rows + start)
         ss.append(np.full(y.shape, src, np.int32))
 
+    n_batches = -(-prompts.shape[0] // batch_size)
+    pbar = progress.bar(n_batches * (1 + len(controllers)), "record", quiet=quiet, unit="decode")
     for start, k, ids, ok in _batches(prompts, valid, batch_size):
         ref_out = generate(params, cfg, ids, ref_gen, LowConfidence(), prompt_valid=ok, key=key)
         ref = np.asarray(ref_out.tokens)
+        pbar.update(1)
         if include_reference:
             add(ref_out, 0, start, k, ref, ref_gen)
         for j, (_, ctrl) in enumerate(controllers):
             out = generate(params, cfg, ids, rec_gen, ctrl, prompt_valid=ok, key=key)
             add(out, j + int(include_reference), start, k, ref, rec_gen)
+            pbar.update(1)
+    pbar.close()
     return Recording(x=np.concatenate(xs).astype(np.float32), y=np.concatenate(ys),
                      group=np.concatenate(gs), source=np.concatenate(ss), features=names,
                      sources=tuple(labels))
@@ -337,12 +344,13 @@ def train_controller(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = No
                      include_reference: bool = True, use_ce: bool = True, horizon: int = 2,
                      ce_filter: CEFilter = CEFilter(), batch_size: int = 32,
                      key: Optional[jax.Array] = None, content_only: bool = False,
-                     **fit_kwargs: Any) -> tuple[TSPD, dict[str, Any]]:
+                     quiet: bool = True, **fit_kwargs: Any) -> tuple[TSPD, dict[str, Any]]:
     """`record` then `fit_tspd`; `fit_kwargs` go to `fit_tspd` (hidden, steps, lr, tau, drop,
     ...)."""
     rec = record(params, cfg, prompts, prompt_valid, gen=gen, thresholds=thresholds,
                  include_reference=include_reference, use_ce=use_ce, horizon=horizon,
-                 ce_filter=ce_filter, batch_size=batch_size, key=key, content_only=content_only)
+                 ce_filter=ce_filter, batch_size=batch_size, key=key, content_only=content_only,
+                 quiet=quiet)
     return fit_tspd(rec, vocab_size=int(cfg.vocab_size), use_ce=use_ce, horizon=horizon,
                     ce_filter=ce_filter, **fit_kwargs)
 

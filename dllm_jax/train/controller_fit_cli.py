@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from controllers.tspd import TSPD_FILE, tspd_to_json
-from dllm_jax import session
+from dllm_jax import progress, session
 from dllm_jax.cli_options import check_number
 from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.features import CEFilter
@@ -94,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=float, default=CEFilter.r, help="CE observation noise")
     p.add_argument("--batch-size", type=int, default=64,
                    help="prompts per recorded decode (default 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no progress line")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the task instances, the decodes and the fit (default 0)")
 
@@ -136,14 +136,15 @@ def run(args: argparse.Namespace) -> int:
         prompts += [inst.prompt for inst in TASKS[name].generate(args.seed + k, args.n,
                                                                  split="train")]
     ids, valid = s.pad([s.encode(p) for p in prompts])           # [N, P] left-padded
-    print(f"recording {len(prompts)} training prompts x {1 + len(thresholds)} decodes "
-          f"(gen_length {gen.gen_length}, block {gen.block_length})", file=sys.stderr, flush=True)
+    progress.summary(f"recording {len(prompts)} training prompts x {1 + len(thresholds)} "
+                     f"decodes (gen_length {gen.gen_length}, block {gen.block_length})",
+                     quiet=args.quiet)
     use_ce = not args.no_ce
     ctrl, metrics = train_controller(
         s.params, s.cfg, ids, valid, gen=gen, thresholds=thresholds, use_ce=use_ce,
         horizon=args.horizon, ce_filter=ce_filter, batch_size=args.batch_size,
         key=jax.random.key(args.seed), hidden=args.hidden, steps=args.steps, lr=args.lr,
-        l2=args.l2, neg_weight=args.neg_weight, tau=args.tau, seed=args.seed)
+        l2=args.l2, neg_weight=args.neg_weight, tau=args.tau, seed=args.seed, quiet=args.quiet)
     metrics.update(tasks=names, n_per_task=args.n, split="train", gen_length=gen.gen_length,
                    block_length=gen.block_length, thresholds=list(thresholds))
     if not _all_finite(ctrl.params.to_dict()) or not math.isfinite(float(metrics["loss_fit"])):

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dllm_jax import progress
 from dllm_jax.config import ModelConfig
 from dllm_jax.models import Params
 from dllm_jax.train.checkpoints import (check_outputs, check_resumable, open_manager,
@@ -30,16 +31,21 @@ from dllm_jax.train.step import StepSpec, init_state, lr_schedule, train_chunk
 
 
 class Progress:
-    """A one-line progress report (rewritten in place on a terminal, one line per report
-    otherwise): step, loss, tokens/s (all prompt + answer tokens), steps/s, lr, ETA."""
+    """Training progress: a tqdm bar (`dllm_jax.progress`) with loss, tokens/s and lr on a
+    terminal; on any other stream one log line per report (step, loss, tokens/s (all prompt
+    + answer tokens), steps/s, lr, ETA), since a log file is a record, not a display."""
 
     def __init__(self, total: int, stream: Any = None, tokens_per_step: int = 0) -> None:
         self.total, self.stream, self.tokens_per_step = total, stream or sys.stderr, tokens_per_step
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = progress.shows_bar(False, self.stream)
+        self._bar = None
         self._t, self._s = None, None
 
     def start(self, step: int) -> None:
         self._t, self._s = time.perf_counter(), step
+        if self.tty:
+            self._bar = progress.bar(self.total, "train", unit="step", stream=self.stream,
+                                     initial=step)
 
     def update(self, step: int, loss: float, lr: float) -> dict[str, float]:
         now = time.perf_counter()
@@ -50,19 +56,19 @@ class Progress:
         self._t, self._s = now, step
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         tok = rate * self.tokens_per_step
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | {tok / 1e3:.1f}k tok/s | "
-                f"{rate:.1f} steps/s | lr {lr:.2e} | eta {_fmt_seconds(eta)}")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(f"loss {loss:.4f} | {tok / 1e3:.1f}k tok/s | lr {lr:.2e}")
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self.stream.write(f"step {step}/{self.total} | loss {loss:.4f} | {tok / 1e3:.1f}k "
+                              f"tok/s | {rate:.1f} steps/s | lr {lr:.2e} | eta "
+                              f"{_fmt_seconds(eta)}\n")
+            self.stream.flush()
         return {"step": step, "loss": loss, "steps_per_s": rate, "tokens_per_s": tok}
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _fmt_seconds(s: float) -> str:
@@ -151,11 +157,11 @@ def train(
     stop = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     schedule = lr_schedule(cfg)
     meta = {"run": run_record(cfg, model_cfg)}
-    progress = None if quiet else Progress(cfg.steps, stream, cfg.batch_size * cfg.seq_length)
+    reporter = None if quiet else Progress(cfg.steps, stream, cfg.batch_size * cfg.seq_length)
     losses: list[np.ndarray] = []
     t0 = time.perf_counter()
-    if progress:
-        progress.start(start)
+    if reporter:
+        reporter.start(start)
     step = start
     for end in _chunk_ends(start, cfg, stop):
         lrs = np.asarray(schedule(np.arange(step, end)), np.float32)
@@ -165,15 +171,15 @@ def train(
         step = end
         if not np.isfinite(chunk_losses).all():
             raise TrainError(f"the loss became {chunk_losses[-1]} by step {step}; lower --lr.")
-        if progress and (step % cfg.log_every == 0 or step == stop):
-            progress.update(step, float(chunk_losses[-1]), float(lrs[-1]))
+        if reporter and (step % cfg.log_every == 0 or step == stop):
+            reporter.update(step, float(chunk_losses[-1]), float(lrs[-1]))
         timed_out = time_limit is not None and time.perf_counter() - t0 > time_limit
         if mngr is not None and (step % cfg.ckpt_every == 0 or step == stop or timed_out):
             save_checkpoint(mngr, state, meta)
         if timed_out:
             break
-    if progress:
-        progress.close()
+    if reporter:
+        reporter.close()
     if mngr is not None:
         mngr.wait_until_finished()
         mngr.close()
