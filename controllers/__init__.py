@@ -9,11 +9,12 @@ controller is one new module, imported below so that it registers when `controll
 from __future__ import annotations
 
 # Each of these modules registers its controllers on import.
-from controllers import (baselines, ce, r2, r2_centred,  # noqa: F401  (registration)
-                         left_to_right, simsd, tspd)
+from controllers import (baselines, ce, entropy_bound, r2,  # noqa: F401  (registration)
+                         r2_centred, left_to_right, simsd, tspd)
 from controllers.base import Controller, at_least_one, top_k_commit
 from controllers.baselines import DREAM_ALGS, DreamOrder, Factor, LowConfidence, Threshold
 from controllers.ce import CE
+from controllers.entropy_bound import EntropyBound
 from controllers.left_to_right import LeftToRight
 from controllers.r2 import R2
 from controllers.r2_centred import R2_AGGS, R2Centred
@@ -31,7 +32,7 @@ FITTED_CONTROLLER_NAMES: tuple[str, ...] = controller_names(fitted=True)
 ALL_CONTROLLER_NAMES: tuple[str, ...] = CONTROLLER_NAMES + FITTED_CONTROLLER_NAMES
 
 __all__ = ["ALL_CONTROLLER_NAMES", "CE", "CEFilter", "CONTROLLER_NAMES", "Controller",
-           "ControllerOptions", "DREAM_ALGS", "DreamOrder", "FITTED_CONTROLLER_NAMES", "Factor",
+           "ControllerOptions", "DREAM_ALGS", "DreamOrder", "EntropyBound", "FITTED_CONTROLLER_NAMES", "Factor",
            "LeftToRight", "LowConfidence", "OptionError", "R2", "R2Centred", "R2_AGGS", "SimSD", "TSPD", "TSPDError", "TSPDParams",
            "TSPD_FILE", "Threshold", "applicable_options", "at_least_one", "controller_names",
            "get_spec", "load_tspd", "make_controller", "option", "read_tspd", "register",

@@ -88,8 +88,9 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
               draft_cfg: Any = None) -> tuple[np.ndarray, np.ndarray]:
     if model_cfg.arch == "diffusion_gemma":
         raise GenerateError("DiffusionGemma denoises a canvas of random tokens, not MASKs, and "
-                            "decodes with dllm_jax.diffusion_gemma_sampler.generate; "
-                            "decode.generate serves llada / dream / sdar models.")
+                            "decodes with dllm_jax.canvas_decode.decode_canvas (what "
+                            "session.generate and the CLIs call for it, with --controller "
+                            "entropy_bound); decode.generate serves llada / dream / sdar models.")
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
         prompt = prompt[None]

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from controllers.entropy_bound import entropy_bound_accept
 from dllm_jax.config import ConfigError, ModelConfig
 from dllm_jax.models import diffusion_gemma as DG
 
@@ -104,16 +105,6 @@ def entropy(logits: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     p = jnp.exp(logp)
     return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-
-
-def entropy_bound_accept(ent: jax.Array, bound: float) -> jax.Array:
-    """`[B, C]` bool: the lowest-entropy positions whose entropy sum minus their largest is
-    <= bound (the lowest one always)."""
-    order = jnp.argsort(ent, axis=-1)
-    srt = jnp.take_along_axis(ent, order, axis=-1)
-    keep = jnp.cumsum(srt, axis=-1) - srt <= bound
-    rows = jnp.arange(ent.shape[0])[:, None]
-    return jnp.zeros(ent.shape, bool).at[rows, order].set(keep)
 
 
 def adaptive_stop(hist: jax.Array, argmax: jax.Array, ent: jax.Array, stability: int,

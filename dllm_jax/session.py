@@ -183,8 +183,17 @@ class Session:
                      controller: Any, key: Any = None) -> Any:
         """`decode.generate` on a padded batch `[B, P]` with this session's params and mesh;
         returns its GenerateOutput."""
+        from controllers.entropy_bound import EntropyBound
+        from dllm_jax.canvas_decode import decode_canvas
         from dllm_jax.decode import generate
 
+        if self.cfg.arch == "diffusion_gemma":
+            return decode_canvas(self.params, self.cfg, ids, valid, gen, controller, key=key,
+                                 mesh=self.mesh)
+        if isinstance(controller, EntropyBound) and controller.canvas_only_changes():
+            flags = ", ".join("--" + n.replace("_", "-") for n in controller.canvas_only_changes())
+            raise SessionError(f"{flags} apply to DiffusionGemma's canvas only; this is a "
+                               f"{self.cfg.arch} model, leave them out.")
         return generate(self.params, self.cfg, ids, gen, controller, prompt_valid=valid,
                         key=key, mesh=self.mesh)
 
@@ -253,10 +262,10 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
         cfg, _ = load_config(path)
         shardings = S.param_shardings(cfg, mesh)
     cfg, params = load_model(path, dtype=dtype, shardings=shardings)
-    if layout == "auto":
-        params = models.decode_layout(params, mesh=mesh)
-    elif layout != "stacked":
+    if layout not in ("auto", "stacked"):
         raise SessionError(f"layout must be 'auto' or 'stacked', got {layout!r}.")
+    if layout == "auto" and cfg.arch != "diffusion_gemma":   # its stack has its own layout
+        params = models.decode_layout(params, mesh=mesh)
     train_config = read_train_config(path)
     tok = None
     if (path / "tokenizer.json").is_file():

@@ -325,6 +325,26 @@ def fastdllm_factor_transfer(confidence: np.ndarray, mask_index: np.ndarray, fac
     return out
 
 
+def entropy_bound_transfer(logits: np.ndarray, mask_index: np.ndarray, bound: float
+                           ) -> np.ndarray:
+    """DiffusionGemma's entropy-bound rule on masked positions: per row, take the masked
+    positions in increasing entropy (float64 softmax, nats; numpy's stable order on ties)
+    while the taken ones' entropy sum minus their largest stays <= ``bound``."""
+    probs = softmax(logits, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(probs > 0, probs * np.log(probs), 0.0).sum(-1)
+    transfer = np.zeros(mask_index.shape, bool)
+    for r in range(mask_index.shape[0]):
+        cand = np.flatnonzero(mask_index[r])
+        total, largest = 0.0, -np.inf
+        for i in cand[np.argsort(ent[r, cand], kind="stable")]:
+            total, largest = total + ent[r, i], max(largest, ent[r, i])
+            if total - largest > bound:
+                break
+            transfer[r, i] = True
+    return transfer
+
+
 def fastdllm_generate(
     model_fn: ModelFn,
     prompt: np.ndarray,
@@ -339,6 +359,7 @@ def fastdllm_generate(
     factor: Optional[float] = None,
     rng: Optional[np.random.Generator] = None,
     after_step=None,
+    entropy_bound: Optional[float] = None,
 ) -> tuple[np.ndarray, int]:
     """Reference of Fast-dLLM's uncached ``generate`` (NVlabs/Fast-dLLM ``llada/generate.py``).
 
@@ -396,7 +417,9 @@ def fastdllm_generate(
             x0 = np.where(mask_index, x0, x)
             confidence = np.where(mask_index, x0_p, -np.inf)
 
-            if factor is not None:
+            if entropy_bound is not None:   # not Fast-dLLM's: DiffusionGemma's rule
+                transfer = entropy_bound_transfer(logits, mask_index, entropy_bound)
+            elif factor is not None:
                 transfer = fastdllm_factor_transfer(confidence, mask_index, factor)
             elif threshold is not None:
                 transfer = fastdllm_threshold_transfer(confidence, mask_index, threshold)

@@ -87,6 +87,20 @@ def test_fastdllm(kind, value):
     assert int(out.stats.steps) == nfe  # same number of batched forwards
 
 
+@pytest.mark.parametrize("bound", [0.05, 1.0, 3.0])
+def test_entropy_bound(bound):
+    want, nfe = ref.fastdllm_generate(_model_fn(LLADA, P_LLADA), PROMPT, steps=16,
+                                      gen_length=16, block_length=8,
+                                      mask_id=LLADA.mask_token_id, entropy_bound=bound)
+    gen = GenerateConfig(gen_length=16, block_length=8, steps=16)
+    got, out = _ours(LLADA, P_LLADA, PROMPT, gen, make_controller("entropy_bound",
+                                                                  entropy_bound=bound))
+    np.testing.assert_array_equal(got, want)
+    assert int(out.stats.steps) == nfe
+    if bound >= 3.0:
+        assert nfe < 16, "a loose bound should commit several tokens per step"
+
+
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
 @pytest.mark.parametrize("steps", [16, 6])
 def test_dream_orders(alg, steps):

@@ -44,8 +44,8 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf
 
 from dllm_jax.config import ConfigError  # noqa: E402
 from dllm_jax.diffusion_gemma_sampler import (CanvasConfig, CanvasNoise, StepState,  # noqa: E402
-                                              adaptive_stop, denoise_step,
-                                              entropy_bound_accept, generate)
+                                              adaptive_stop, denoise_step, generate)
+from controllers.entropy_bound import entropy_bound_accept  # noqa: E402
 from dllm_jax.models import diffusion_gemma as DG  # noqa: E402
 
 
@@ -75,13 +75,20 @@ SETTINGS = {  # (options, seed of the noise stream)
 
 
 @pytest.fixture(scope="module")
-def peaky(tmp_path_factory: pytest.TempPathFactory):
-    model, cfg, params, _ = build_and_convert(tmp_path_factory.mktemp("dgs"), embed_std=2.0,
+def peaky_build(tmp_path_factory: pytest.TempPathFactory):
+    """(transformers model, our config, our params, our converted model folder)."""
+    tmp = tmp_path_factory.mktemp("dgs")
+    model, cfg, params, _ = build_and_convert(tmp, embed_std=2.0,
                                               final_logit_softcapping=30.0, eos_token_id=EOS)
     # transformers 5.25's generate builds the denoiser's padding mask from the integer canvas
     # (`_prepare_denoiser_inputs`), which its eager mask cannot cast: generate runs on sdpa
     model.set_attn_implementation("sdpa")
-    return model, cfg, params
+    return model, cfg, params, tmp / "ours"
+
+
+@pytest.fixture(scope="module")
+def peaky(peaky_build):
+    return peaky_build[:3]
 
 
 def _prompt(vocab: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +339,66 @@ def test_decode_generate_refuses_diffusion_gemma_with_a_sentence() -> None:
     from dllm_jax.decode import GenerateError, generate as masked_generate
 
     cfg = ModelConfig.tiny("diffusion_gemma")
-    with pytest.raises(GenerateError, match="diffusion_gemma_sampler.generate"):
+    with pytest.raises(GenerateError, match="decode_canvas"):
         masked_generate(None, cfg, np.array([[3, 4]]), GenerateConfig(gen_length=8, block_length=8, steps=8),
                         make_controller("threshold"))
+
+
+# ----------------------------------------------------------------------------- front door
+def test_session_and_cli_decode_diffusion_gemma_with_entropy_bound(peaky_build, capsys):
+    """`session.generate_ids` / `dllm-jax generate` run the canvas sampler with the
+    entropy_bound controller's options, and refuse what does not apply to a canvas."""
+    import json
+
+    from controllers import make_controller
+    from dllm_jax import cli, session
+    from dllm_jax.canvas_decode import canvas_config
+    from dllm_jax.config import GenerateConfig
+
+    _, cfg, params, folder = peaky_build
+    s = session.load(folder)
+    ids, valid = _prompt(cfg.vocab_size)
+    ctrl = make_controller("entropy_bound", entropy_bound=0.5, stability_threshold=1,
+                           confidence_threshold=2.0, canvas_t_min=0.3, canvas_t_max=0.9)
+    gen = GenerateConfig(gen_length=2 * CANVAS, block_length=CANVAS, steps=12)
+    canvas = canvas_config(s.cfg, gen, ctrl)
+    assert canvas == CanvasConfig(max_new_tokens=2 * CANVAS, max_denoising_steps=6,
+                                  entropy_bound=0.5, stability_threshold=1,
+                                  confidence_threshold=2.0, t_min=0.3, t_max=0.9)
+    key = jax.random.key(3)
+    out = s.generate_ids(ids, valid, gen, ctrl, key=key)
+    want = generate(params, cfg, jnp.asarray(ids), jnp.asarray(valid), canvas, key=key)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens)[:, :gen.gen_length])
+    np.testing.assert_array_equal(np.asarray(out.stats.nfe), np.asarray(want.nfe))
+    assert int(out.stats.steps) == int(np.asarray(want.steps).max(axis=1).sum())
+    fix = np.asarray(out.stats.fix_step)
+    assert fix.shape == (3, gen.gen_length) and (np.diff(fix, axis=1) >= 0).all()
+
+    prompt = ",".join(str(int(t)) for t in ids[0])
+    # one canvas, the answer cut to 5 of its 8 tokens
+    base = ["generate", "--model", str(folder), "--prompt-ids", prompt, "--gen-length",
+            str(CANVAS - 3), "--controller", "entropy_bound", "--steps", "5", "--seed", "3"]
+    capsys.readouterr()
+    assert cli.main(base + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    one = s.generate([ids[0].tolist()], GenerateConfig(gen_length=CANVAS - 3,
+                                                       block_length=CANVAS - 3, steps=5),
+                     make_controller("entropy_bound"), key=jax.random.key(3))[0]
+    assert rec["tokens"] == one.tokens and rec["nfe"] == one.nfe >= 1
+    assert len(one.tokens) <= CANVAS - 3
+    for extra, needle in ((["--controller", "threshold"], "entropy_bound"),
+                          (["--cache", "dual"], "--cache"),
+                          (["--temperature", "0.5"], "--temperature")):
+        args = base + extra if extra[0] != "--controller" else base[:-6] + extra
+        assert cli.main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_entropy_bound_canvas_options_are_refused_on_masked_models(capsys):
+    from dllm_jax import cli
+
+    rc = cli.main(["generate", "sort: 9 4 7 1", "--controller", "entropy_bound",
+                   "--canvas-t-min", "0.2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--canvas-t-min" in err and "DiffusionGemma" in err

@@ -19,7 +19,7 @@ from dllm_jax.cli_options import UsageError, add_generation_options, decode_sett
 from dllm_jax.pretrained import bundled_model_dir
 
 TODAY = ("low_confidence", "random", "threshold", "factor", "maskgit_plus", "topk_margin",
-         "entropy", "origin", "ce", "r2", "r2_centred", "left_to_right", "simsd")
+         "entropy", "origin", "ce", "entropy_bound", "r2", "r2_centred", "left_to_right", "simsd")
 
 
 @pytest.fixture
