@@ -254,3 +254,27 @@ def test_bfloat16_no_noisier_than_transformers_bfloat16(converted, tmp_path):
     print(f"mean |bf16 - f32| logits: ours {ours_err:.3f}, transformers {ref_err:.3f}")
     assert ours[1].dtype == np.float32 and np.isfinite(ours[1]).all()
     assert ours_err <= 1.5 * ref_err, (ours_err, ref_err)
+
+
+def test_sharded_over_eight_devices_gives_the_same_logits_and_routing() -> None:
+    """tests/diffusion_gemma_sharding_check.py in a subprocess (8 simulated CPU devices):
+    meshes data=2,model=4 / data=4,model=2 / model=8, experts split over `model`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+        [str(root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "diffusion_gemma_sharding_check.py")],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8 and set(out["meshes"]) == {"data=2,model=4", "data=4,model=2",
+                                                          "model=8"}
+    for spec, row in out["meshes"].items():
+        assert row["encoder"] <= 1e-4 and row["denoiser"] <= 1e-4, (spec, row)
+        assert row["routing_equal"], spec
+        assert row["expert_specs"] == ["P(None, 'model')"], (spec, row)  # experts split
