@@ -49,6 +49,19 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    """`dllm-jax export MODEL_DIR HF_DIR`: dllm-jax model folder -> Hugging Face folder."""
+    from checkpoints_convert.export import add_arguments, run
+
+    p = subparsers.add_parser(
+        "export", help="export a model folder back to its Hugging Face checkpoint layout",
+        description="Write a dllm-jax LLaDA / Dream / SDAR model folder as a Hugging Face "
+                    "checkpoint folder (safetensors under the original tensor names, "
+                    "config.json, tokenizer files): the inverse of convert.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     """`dllm-jax generate PROMPT`: decode one prompt (default model: the bundled one)."""
     from dllm_jax.generate_cli import add_arguments, run
@@ -133,7 +146,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_convert, add_generate, add_batch, add_train, add_train_controller, add_bench, add_serve]
+    add_convert, add_export, add_generate, add_batch, add_train, add_train_controller, add_bench,
+    add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,9 @@ CELL_TIMEOUT = 240
 # What each notebook must show: (substring of some stream output, number of PNG figures).
 EXPECT = {
     "01_quickstart.ipynb": (["forward passes:", "step  0:", "answers:"], 3),
+    "02_bring_your_checkpoint.ipynb": (
+        ["converted parameters: 4.6M", "| controller | NFE | answer |",
+         "| low_confidence k=1 | 32 | '1 4 7 9' |", "identical to the downloaded ones: True"], 1),
     "03_controllers.ipynb": (["llada k=1", "acc "], 1),
     "04_batch_and_meshes.ipynb": (["identical tokens on 8 devices"], 0),
 }
