@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     add_generation_options(p)
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="with --controller simsd: a smaller model folder with the same "
+                        "tokenizer that drafts the masked positions (default: self-drafting)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--show-steps", action="store_true", help="print the answer after each "
                    "step, committed tokens in brackets (to stderr with --json)")
@@ -58,17 +61,23 @@ def run(args: argparse.Namespace) -> int:
     if (text is None) == (args.prompt_ids is None):
         raise UsageError("give exactly one of PROMPT/--prompt TEXT or --prompt-ids 1,2,3.")
     sess = session.load(args.model)
+    draft = (session.load(args.draft_model, flag="--draft-model")
+             if args.draft_model is not None else None)
     try:
         ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else sess.encode(
             text, chat=args.chat)
         gen, controller = decode_settings(args, str(sess.model_dir))
+        if draft is not None and controller.verify is None:
+            raise UsageError(f"--draft-model is used only by a speculative controller "
+                             f"(--controller simsd), not by {args.controller}; drop it.")
         if args.show_steps or args.trace_png:
             from dllm_jax import viz
             answer = viz.generate_showing_steps(
                 sess, ids, gen, controller, jax.random.key(args.seed), args.show_steps,
-                args.trace_png, file=sys.stderr if args.json else sys.stdout)
+                args.trace_png, file=sys.stderr if args.json else sys.stdout, draft=draft)
         else:
-            [answer] = sess.generate([ids], gen, controller, key=jax.random.key(args.seed))
+            [answer] = sess.generate([ids], gen, controller, key=jax.random.key(args.seed),
+                                     draft=draft)
     except (TokenizerError, GenerateError) as e:
         raise UsageError(str(e)) from None
     if args.json:

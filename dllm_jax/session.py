@@ -180,9 +180,10 @@ class Session:
         return left_pad(seqs, self.pad_id, width, rows)
 
     def generate_ids(self, ids: np.ndarray, valid: np.ndarray, gen: GenerateConfig,
-                     controller: Any, key: Any = None) -> Any:
+                     controller: Any, key: Any = None, draft: "Session | None" = None) -> Any:
         """`decode.generate` on a padded batch `[B, P]` with this session's params and mesh;
-        returns its GenerateOutput."""
+        returns its GenerateOutput. `draft`: a smaller model's session (same tokenizer) whose
+        predictions draft the masked positions for a speculative controller (`simsd`)."""
         from controllers.entropy_bound import EntropyBound
         from dllm_jax.canvas_decode import decode_canvas
         from dllm_jax.decode import generate
@@ -194,8 +195,13 @@ class Session:
             flags = ", ".join("--" + n.replace("_", "-") for n in controller.canvas_only_changes())
             raise SessionError(f"{flags} apply to DiffusionGemma's canvas only; this is a "
                                f"{self.cfg.arch} model, leave them out.")
+        if draft is not None and draft.mesh is not self.mesh:
+            raise SessionError("the draft model must be loaded on the same mesh as the target "
+                               "(session.load(draft_dir, mesh=target.mesh)).")
         return generate(self.params, self.cfg, ids, gen, controller, prompt_valid=valid,
-                        key=key, mesh=self.mesh)
+                        key=key, mesh=self.mesh,
+                        draft_params=None if draft is None else draft.params,
+                        draft_cfg=None if draft is None else draft.cfg)
 
     def answers(self, out: Any, n: int | None = None) -> list[Answer]:
         """The first `n` rows of a GenerateOutput as Answers (cut at EOS, decoded)."""
@@ -210,17 +216,19 @@ class Session:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], gen: GenerateConfig,
                  controller: Any, *, key: Any = None, chat: bool = False,
-                 width: int | None = None, rows: int | None = None) -> list[Answer]:
+                 width: int | None = None, rows: int | None = None,
+                 draft: "Session | None" = None) -> list[Answer]:
         """Decode a batch of prompts (text or id lists) in one compiled call.
 
         width / rows: pad the batch to this shape (so that batches of one run share a
-        compile); extra rows are dropped from the result.
+        compile); extra rows are dropped from the result. draft: see `generate_ids`.
         """
         seqs = [self.encode(p, chat) for p in prompts]
         for s in seqs:
             check_prompt_ids(s, self.cfg, gen.gen_length)
         ids, valid = self.pad(seqs, width, rows)
-        return self.answers(self.generate_ids(ids, valid, gen, controller, key), len(seqs))
+        return self.answers(self.generate_ids(ids, valid, gen, controller, key, draft),
+                            len(seqs))
 
 
 def read_train_config(model_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -210,11 +210,12 @@ def trace_png(out: Any, path: str | os.PathLike) -> str:
 
 def generate_showing_steps(sess: Any, ids: Sequence[int], gen: Any, controller: Any, key: Any,
                            show_steps: bool = False, trace_png_path: str | None = None,
-                           file: Any = None) -> Any:
+                           file: Any = None, draft: Any = None) -> Any:
     """`dllm-jax generate --show-steps / --trace-png FILE`: decode one prompt (ids) with
     `sess`, print its canvas after each step (one line per step, committed tokens in brackets)
     to `file` (default stdout) and/or write the commit heatmap to `trace_png_path`. Returns the
-    Answer. Raises VizError before decoding when a PNG is asked for and matplotlib is missing."""
+    Answer (`draft`: a draft model's session, see `Session.generate_ids`). Raises VizError
+    before decoding when a PNG is asked for and matplotlib is missing."""
     import importlib.util
     import sys
 
@@ -224,7 +225,7 @@ def generate_showing_steps(sess: Any, ids: Sequence[int], gen: Any, controller: 
         raise VizError("--trace-png needs matplotlib; " + INSTALL_HINT.split("; ", 1)[1])
     check_prompt_ids(ids, sess.cfg, gen.gen_length)
     padded, valid = sess.pad([list(ids)])
-    out = sess.generate_ids(padded, valid, gen, controller, key)
+    out = sess.generate_ids(padded, valid, gen, controller, key, draft)
     if show_steps:
         file = sys.stdout if file is None else file
         if sess.tokenizer is not None:

@@ -91,3 +91,24 @@ def test_bad_input_is_one_line(model_dir: Path, capsys: pytest.CaptureFixture, a
 def test_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc, _, err = _run(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "5")
     assert rc == 2 and "does not exist" in err
+
+
+def test_draft_model_for_simsd(capsys: pytest.CaptureFixture) -> None:
+    """`--draft-model DIR` drafts with another model folder: greedy left-to-right SimSD with
+    the target itself as the draft gives the left_to_right answer in fewer forwards."""
+    from dllm_jax.session import resolve_model_dir
+
+    bundled = str(resolve_model_dir(None))
+    common = ["generate", "reverse: Eve Bob Zoe", "--gen-length", "32", "--json"]
+    assert main(common + ["--controller", "left_to_right"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert main(common + ["--controller", "simsd", "--draft-model", bundled]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["tokens"] == base["tokens"] and spec["text"] == "Zoe Bob Eve"
+    assert spec["nfe"] < base["nfe"]
+    for argv, needle in ((["--controller", "threshold", "--draft-model", bundled], "--draft-model"),
+                         (["--controller", "simsd", "--draft-model", "/nonexistent/m"],
+                          "--draft-model")):
+        assert main(common + argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
