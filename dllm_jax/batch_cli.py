@@ -15,7 +15,8 @@ the input wrote it). A line that is not such an object (bad JSON, no id, a repea
 prompt, ids outside the vocabulary, words outside a task model's vocabulary, text without a
 tokenizer) is rejected: reported on stderr with its line number and skipped; the rest still
 runs, and the run ends with the count of rejected lines and exit status 1 (0: no line
-rejected; 2: nothing decoded because of a usage error). With --max-errors N, more than N
+rejected; 2: nothing decoded because of a usage error; 3: another process of a
+--distributed run was lost). With --max-errors N, more than N
 rejected lines stop the run before anything is decoded.
 
 Output: one JSON object per answer, {"id", "tokens", "text", "nfe", "steps"} as
@@ -42,12 +43,27 @@ batch is left-padded to its longest prompt rounded up to a multiple of --bucket 
 mesh's seq axis), and the last batch is filled up with copies of a real row whose answers
 are dropped. So there is one compile per bucket length, not per prompt length.
 
-Multi-host (TPU pod, multi-node GPU): --distributed calls `jax.distributed.initialize()`
-(arguments auto-detected on TPU / SLURM, or given with --coordinator-address --num-processes
---process-id). Each host takes the input lines with (line number - 1) % process_count ==
-process_index, builds its mesh from its own local devices (hosts decode independently: no
-cross-host collective, so a slow host never stalls the others) and writes its own output
-file, `OUTPUT.<index>-of-<count>` (or OUTPUT with `{process}` replaced by the index).
+Progress: a bar over the input rows on a terminal (not with --quiet; under --distributed
+only process 0 draws it), else one line per batch; at the end one summary line: answered,
+skipped (already in the output), rejected, seconds.
+
+Multi-process (TPU pod slice, GPU nodes), --distributed: every process runs the same command;
+`jax.distributed.initialize()` joins them (coordinator from --coordinator-address
+--num-processes --process-id, else from the platform: TPU, SLURM, JAX_COORDINATOR_ADDRESS).
+--mesh is then ONE mesh over all processes' devices (`dllm_jax.multihost`): devices in
+process order, `model` innermost, so `model` stays inside a process while it fits one and
+`data` runs across processes (a larger `model` spans processes). Each process restores only
+the checkpoint shards its devices hold, reads the whole --input (the same file everywhere,
+checked) and feeds each batch's rows its devices hold; the answers are gathered and
+appended by process 0 to OUTPUT, or with --output-per-host each process appends the rows its
+devices hold to OUTPUT.<index>-of-<count> (or OUTPUT with `{process}` replaced). Restart:
+the same command on every process (with --output-per-host, the same process count); the
+processes agree on the answered ids before decoding, so nothing is lost or written twice.
+A process that stops (killed, crashed) makes the others print one `error:` line and exit
+with status 3 within --peer-timeout seconds (a failed collective says so at once).
+--hosts-independent keeps hosts apart: each takes the input lines with (line number - 1) %
+process_count == process_index, builds its mesh from its local devices, never waits for the
+others while decoding, and writes OUTPUT.<index>-of-<count>.
 """
 
 from __future__ import annotations
@@ -58,8 +74,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
 
+from dllm_jax.batch_io import (SETTINGS_FORMAT, append_records, bucket_length,  # noqa: F401
+                               check_settings, id_key, make_batches, output_path, parse_line,
+                               read_input, recover_output, settings_path)
 from dllm_jax.cli_options import (UsageError, add_generation_options, check_number,
                                   decode_fingerprint, decode_settings)
 
@@ -84,11 +103,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"pad prompt lengths up to a multiple of this (default {DEFAULT_BUCKET})")
     p.add_argument("--dtype", default=None, help="params dtype (default: as stored)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host); each host decodes its "
-                        "slice of the input")
-    p.add_argument("--coordinator-address", default=None, help="with --distributed")
+                   help="one run over several processes (a TPU pod slice, GPU nodes): "
+                        "jax.distributed.initialize(), then --mesh is ONE mesh over every "
+                        "process's devices (model inside a process, data across them)")
+    p.add_argument("--hosts-independent", action="store_true",
+                   help="with --distributed: each host decodes its own share of the input "
+                        "on its own devices and writes its own file (small models)")
+    p.add_argument("--output-per-host", action="store_true",
+                   help="with --distributed: each process writes the answers its devices "
+                        "hold to OUTPUT.<index>-of-<count> instead of process 0 writing all")
+    p.add_argument("--coordinator-address", default=None,
+                   help="with --distributed: HOST:PORT of process 0 (default: from the "
+                        "platform, or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
     p.add_argument("--process-id", type=int, default=None, help="with --distributed")
+    p.add_argument("--peer-timeout", type=int, default=None, metavar="SECONDS",
+                   help="with --distributed: a process silent this long counts as lost and "
+                        "the others stop with an error (default 60)")
     p.add_argument("--max-errors", type=int, default=None, metavar="N",
                    help="stop before decoding when more than N input lines are rejected "
                         "(default: no limit; rejected lines are skipped, and the exit status "
@@ -100,204 +131,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
 
 
-# ----------------------------------------------------------------------------- input
-def _id_key(value: Any) -> str:
-    """Ids compare as strings: 1 and "1" are one id."""
-    return str(value)
-
-
-def parse_line(text: str) -> tuple[Any, str | None, list[int] | None]:
-    """One input line -> (id, prompt text or None, prompt ids or None); ValueError says why."""
-    try:
-        obj = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    if "id" not in obj:
-        raise ValueError('no "id"')
-    rid = obj["id"]
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise ValueError('"id" must be a string or an integer')
-    if isinstance(rid, str) and not rid.strip():
-        raise ValueError('"id" must not be empty')
-    has_text, has_ids = "prompt" in obj, "prompt_ids" in obj
-    if has_text == has_ids:
-        raise ValueError('give exactly one of "prompt" and "prompt_ids"')
-    if has_text:
-        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-            raise ValueError('"prompt" must be a non-empty string')
-        return rid, obj["prompt"], None
-    ids = obj["prompt_ids"]
-    if (not isinstance(ids, list) or not ids
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-        raise ValueError('"prompt_ids" must be a non-empty list of integers')
-    return rid, None, ids
-
-
-def read_input(path: str, process_index: int = 0, process_count: int = 1,
-               warn: Any = None) -> list[tuple[int, Any, str | None, list[int] | None]]:
-    """This host's well-formed lines as (line number, id, text, ids); bad lines reported."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise UsageError(f"cannot read --input {path}: {e.strerror}.") from None
-    items = []
-    seen: dict[str, int] = {}
-    with f:
-        for n, line in enumerate(f, start=1):
-            if (n - 1) % process_count != process_index or not line.strip():
-                continue
-            try:
-                rid, text, ids = parse_line(line)
-            except ValueError as e:
-                warn(f"{path}:{n}: {e}; line skipped.")
-                continue
-            key = _id_key(rid)
-            if key in seen:
-                warn(f"{path}:{n}: id {json.dumps(rid)} repeats the id of line {seen[key]} (ids "
-                     f"are compared as strings); line skipped.")
-                continue
-            seen[key] = n
-            items.append((n, rid, text, ids))
-    return items
-
-
-# ----------------------------------------------------------------------------- output
-def recover_output(path: str, warn: Any = None) -> set[str]:
-    """Ids (as `_id_key`) already in the output. A trailing partial line left by a kill is
-    truncated away; a complete line that cannot be read is reported and ignored."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        warn(f"{path}: removing a partial last line ({len(data) - end} bytes) left by an "
-             f"interrupted run.")
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    done: set[str] = set()
-    for n, line in enumerate(data[:end].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            done.add(_id_key(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
-            warn(f"{path}:{n}: not an answer line; ignored.")
-    return done
-
-
-def append_records(fd: int, records: Iterable[dict]) -> None:
-    """Append whole lines with one write (looped only if the OS writes short), then fsync."""
-    data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
-                   for r in records).encode("utf-8")
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    os.fsync(fd)
-
-
-def output_path(path: str, process_index: int, process_count: int) -> str:
-    if "{process}" in path:
-        return path.replace("{process}", str(process_index))
-    if process_count > 1:
-        return f"{path}.{process_index}-of-{process_count}"
-    return path
-
-
-# ----------------------------------------------------------------------------- batching
-def make_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (stable), cut into batches: similar lengths decode together."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def bucket_length(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-# ----------------------------------------------------------------------------- run
-def _distributed_init(args: argparse.Namespace) -> None:
-    import jax
-
-    kwargs = {k: v for k, v in (("coordinator_address", args.coordinator_address),
-                                ("num_processes", args.num_processes),
-                                ("process_id", args.process_id)) if v is not None}
-    try:
-        jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - environment problems: one sentence
-        raise UsageError(f"jax.distributed.initialize() failed ({str(e).splitlines()[0]}); "
-                         f"pass --coordinator-address, --num-processes and --process-id, or "
-                         f"drop --distributed on one host.") from None
-
-
-SETTINGS_FORMAT = "dllm-jax-batch-settings"
-
-
-def settings_path(out_path: str) -> str:
-    return out_path + ".settings.json"
-
-
-def _read_settings(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} cannot be read ({e}); remove it to record the settings of "
-                         f"this run.") from None
-    if not isinstance(record, dict) or record.get("format") != SETTINGS_FORMAT or not isinstance(
-            record.get("settings"), dict):
-        raise UsageError(f"{path} is not a dllm-jax batch settings file; remove it to record "
-                         f"the settings of this run.")
-    return record["settings"]
-
-
-def check_settings(out_path: str, settings: dict[str, Any], force: bool, warn: Any) -> bool:
-    """Compare the run's settings with those recorded next to the output; record them (the
-    first start, or with `force`). Returns True when this call created the sidecar file."""
-    from dllm_jax.files import write_json
-
-    side = settings_path(out_path)
-    stored = _read_settings(side)
-    has_answers = os.path.exists(out_path) and os.path.getsize(out_path) > 0
-    if stored is not None and has_answers and stored != settings:
-        diff = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
-        text = ", ".join(f"{k} (was {json.dumps(stored.get(k))}, now "
-                         f"{json.dumps(settings.get(k))})" for k in diff)
-        if not force:
-            raise UsageError(
-                f"{out_path} holds answers made with other settings: {text}; resume with the "
-                f"recorded settings ({side}), choose another --output, or pass "
-                f"--force-new-settings to append answers made with the new ones.")
-        warn(f"warning: --force-new-settings: appending answers made with other settings "
-             f"({text}) to {out_path}.")
-    if stored == settings:
-        return False
-    if stored is None and has_answers:
-        warn(f"{out_path} has answers but no settings record; recording this run's settings in "
-             f"{side}.")
-    write_json(side, {"format": SETTINGS_FORMAT, "version": 1, "settings": settings},
-               flag="--output")
-    return stored is None
-
-
 class _Rejects:
     """Counts and reports rejected input lines."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, show: bool = True) -> None:
+        self.count, self.show = 0, show
 
     def __call__(self, msg: str) -> None:
         self.count += 1
-        print(msg, file=sys.stderr, flush=True)
+        if self.show:
+            print(msg, file=sys.stderr, flush=True)
 
     def check(self, max_errors: int | None, lines: int) -> None:
         if max_errors is not None and self.count > max_errors:
@@ -306,17 +149,25 @@ class _Rejects:
                              f"decoded: fix the lines or raise --max-errors.")
 
 
-def _prepare(args: argparse.Namespace) -> None:
-    """Checks of the flags that need no model."""
-    if args.distributed:
-        _distributed_init(args)
-    elif any(v is not None for v in (args.coordinator_address, args.num_processes,
-                                     args.process_id)):
-        raise UsageError("--coordinator-address / --num-processes / --process-id need "
-                         "--distributed.")
+def _check_flags(args: argparse.Namespace) -> None:
+    """Checks of the flags that need neither a model nor the runtime."""
+    if not args.distributed:
+        given = [f for f, v in (("--coordinator-address", args.coordinator_address),
+                                ("--num-processes", args.num_processes),
+                                ("--process-id", args.process_id),
+                                ("--hosts-independent", args.hosts_independent or None),
+                                ("--output-per-host", args.output_per_host or None),
+                                ("--peer-timeout", args.peer_timeout)) if v is not None]
+        if given:
+            raise UsageError(f"{' / '.join(given)} need{'s' if len(given) == 1 else ''} "
+                             f"--distributed; add it, or drop them on one host.")
+    if args.hosts_independent and args.output_per_host:
+        raise UsageError("--hosts-independent always writes one output per host; drop "
+                         "--output-per-host.")
     check_number(args.batch_size, "--batch-size", minimum=1, example=DEFAULT_BATCH_SIZE)
     check_number(args.bucket, "--bucket", minimum=1, example=DEFAULT_BUCKET)
     check_number(args.max_errors, "--max-errors", minimum=0, example=10)
+    check_number(args.peer_timeout, "--peer-timeout", minimum=1, example=60)
     if args.dtype is not None:
         from dllm_jax.checkpoint import CheckpointError, dtype_name
 
@@ -327,23 +178,60 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _prepare(args)
-    import jax
+    _check_flags(args)
+    if not args.distributed:
+        return _run(args)
+    from dllm_jax import multihost as MH
 
-    from dllm_jax import session
+    timeout = args.peer_timeout or MH.DEFAULT_PEER_TIMEOUT
+    MH.initialize(args.coordinator_address, args.num_processes, args.process_id, timeout)
+    try:
+        return _run(args)
+    except BaseException as e:  # noqa: BLE001 - one line, then out without jax's shutdown
+        import traceback
+
+        from dllm_jax.checkpoint import CheckpointError
+        from dllm_jax.config import ConfigError
+        from dllm_jax.tokenizer import TokenizerError
+
+        if isinstance(e, (ConfigError, CheckpointError, TokenizerError, MH.ShardingError)):
+            MH.exit_now(2, f"error: {e}", timeout)
+        if isinstance(e, OSError):
+            MH.exit_now(2, f"error: {e.filename or ''}: {e.strerror or e}.", timeout)
+        if isinstance(e, KeyboardInterrupt):
+            MH.exit_now(130, "error: interrupted.", timeout)
+        if MH.is_collective_failure(e):
+            MH.exit_now(MH.EXIT_PEER_LOST, MH.lost_peer_line(e), timeout)
+        traceback.print_exc()
+        MH.exit_now(1, None, timeout)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from dllm_jax import multihost as MH
+    from dllm_jax import progress, session
     from dllm_jax import sharding as S
-    from dllm_jax.checkpoint import dtype_name, load_config
+    from dllm_jax.checkpoint import CheckpointError, dtype_name, load_config
+    from dllm_jax.config import ConfigError
     from dllm_jax.decode import GenerateError
     from dllm_jax.files import ExclusiveLock, check_output_path
     from dllm_jax.tokenizer import TokenizerError
 
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
-                                                                   flush=True))
-    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
     pidx, pcount = jax.process_index(), jax.process_count()
+    alone = args.hosts_independent or pcount == 1    # this process decodes on its own
+    per_host = args.hosts_independent or args.output_per_host
+    lead = alone or pidx == 0                        # prints progress and rejected lines
+    writer = per_host or pidx == 0
+    quiet = args.quiet or not lead
+    say = lambda msg: progress.line(msg, quiet=quiet)  # noqa: E731
+    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     model_dir = session.resolve_model_dir(args.model)
     try:
-        mesh = S.make_mesh(args.mesh, devices=jax.local_devices())
+        mesh = (S.make_mesh(args.mesh, devices=jax.local_devices()) if args.hosts_independent
+                else MH.global_mesh(args.mesh))
     except S.ShardingError as e:
         raise UsageError(f"--mesh: {e}") from None
     sizes = S.mesh_sizes(mesh)
@@ -351,91 +239,142 @@ def run(args: argparse.Namespace) -> int:
     bucket = math.lcm(args.bucket, sizes["seq"])
     gen, controller = decode_settings(args, str(model_dir))
     _, stored_dtype = load_config(model_dir)
+    fingerprint = decode_fingerprint(args, gen)
     settings = {"--model": str(model_dir.absolute()),
-                "--dtype": dtype_name(args.dtype) if args.dtype else stored_dtype,
-                **decode_fingerprint(args, gen)}
-
-    out_path = output_path(os.path.expanduser(args.output), pidx, pcount)
-    check_output_path(out_path, "--output")
+                "--dtype": dtype_name(args.dtype) if args.dtype else stored_dtype, **fingerprint}
+    if per_host:
+        out_path = output_path(os.path.expanduser(args.output), pidx, pcount)
+    elif "{process}" in args.output:
+        raise UsageError(f"--output {args.output} names {{process}}, but one file is written "
+                         f"(by process 0); add --output-per-host or drop {{process}}.")
+    else:
+        out_path = os.path.expanduser(args.output)
     in_path = os.path.expanduser(args.input)
-    if os.path.abspath(in_path) == os.path.abspath(out_path):
-        raise UsageError(f"--input and --output are the same file ({in_path}); write the "
-                         f"answers to another file.")
-    if not os.path.isfile(in_path):
-        raise UsageError(f"--input {in_path} is not a file" + (
-            "" if os.path.exists(in_path) else " (it does not exist)") + "; pass the JSONL "
-            "file of prompts.")
-    lock = ExclusiveLock(out_path + ".lock", f"--output {out_path}")
-    lock.acquire(warn)
-    created_sidecar = False
-    try:
-        rejects = _Rejects()
-        items = read_input(in_path, pidx, pcount, rejects)
-        lines = len(items) + rejects.count
-        rejects.check(args.max_errors, lines)
-        created_sidecar = check_settings(out_path, settings, args.force_new_settings, warn)
-        done = recover_output(out_path, warn)
-        pending = [it for it in items if _id_key(it[1]) not in done]
-        say(f"batch: {len(items)} prompts for this host ({pidx + 1}/{pcount}), "
-            f"{len(items) - len(pending)} already in {out_path}, {len(pending)} to decode; mesh "
-            f"{S.format_mesh_spec(sizes)}, batch {batch_size}.")
-        written = 0
-        if pending:
-            sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
-            seqs, rows = [], []
-            for n, rid, text, ids in pending:
+    rejects = _Rejects(show=lead)
+    lock, failure, created_sidecar = None, None, False
+    items, done, check = [], set(), 0
+    with MH.Watchdog(args.peer_timeout or MH.DEFAULT_PEER_TIMEOUT):
+        try:
+            try:       # what can fail on one process only: it must not leave the others waiting
+                if not os.path.isfile(in_path):
+                    raise UsageError(f"--input {in_path} is not a file" + (
+                        "" if os.path.exists(in_path) else " (it does not exist)") + "; pass "
+                        "the JSONL file of prompts" + ("" if alone else " on every host") + ".")
+                if writer:
+                    check_output_path(out_path, "--output")
+                    if os.path.abspath(in_path) == os.path.abspath(out_path):
+                        raise UsageError(f"--input and --output are the same file ({in_path}); "
+                                         f"write the answers to another file.")
+                    lock = ExclusiveLock(out_path + ".lock", f"--output {out_path}")
+                    lock.acquire(warn)
+                with open(in_path, "rb") as f:
+                    check = MH.digest(f.read(), json.dumps(fingerprint, sort_keys=True).encode())
+                items = read_input(in_path, *((pidx, pcount) if alone else (0, 1)), rejects)
+                rejects.check(args.max_errors, len(items) + rejects.count)
+                if writer:
+                    created_sidecar = check_settings(out_path, settings, args.force_new_settings,
+                                                     warn)
+                    done = recover_output(out_path, warn)
+            except (ConfigError, CheckpointError, OSError) as e:
+                failure = e
+            MH.agree(mesh, failure is not None, check, np.zeros(0, bool))
+            if failure is not None:
+                raise failure
+            answered = MH.agree(mesh, False, check, np.array(
+                [id_key(it[1]) in done for it in items], bool))
+            pending = [it for it, a in zip(items, answered) if not a]
+            lines = len(items) + rejects.count
+            where = ("this host" if args.hosts_independent else
+                     f"{pcount} processes" if pcount > 1 else "this run")
+            say(f"batch: {len(items)} prompts for {where}"
+                + (f" ({pidx + 1}/{pcount})" if args.hosts_independent else "")
+                + f", {len(items) - len(pending)} already in {out_path}, {len(pending)} to "
+                f"decode; mesh {S.format_mesh_spec(sizes)} ({MH.describe(mesh)}), batch "
+                f"{batch_size}.")
+            decoded = written = 0
+            if pending:
+                sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
+                if MH.is_multiprocess(mesh):
+                    held, total = MH.restored_share(sess.params)
+                    progress.line(f"batch: process {pidx}/{pcount} restored {held} of {total} "
+                                  f"bytes of params (the shards its devices hold).",
+                                  quiet=args.quiet)
+                seqs, rows = [], []
+                for n, rid, text, ids in pending:
+                    try:
+                        ids = sess.encode(text if ids is None else ids, chat=args.chat)
+                        session.check_prompt_ids(ids, sess.cfg, gen.gen_length)
+                    except (session.SessionError, TokenizerError, ValueError) as e:
+                        rejects(f"{in_path}:{n}: {e} Line skipped.")
+                        continue
+                    seqs.append(ids)
+                    rows.append(rid)
+                rejects.check(args.max_errors, lines)
                 try:
-                    ids = sess.encode(text if ids is None else ids, chat=args.chat)
-                    session.check_prompt_ids(ids, sess.cfg, gen.gen_length)
-                except (session.SessionError, TokenizerError, ValueError) as e:
-                    rejects(f"{in_path}:{n}: {e} Line skipped.")
-                    continue
-                seqs.append(ids)
-                rows.append(rid)
-            rejects.check(args.max_errors, lines)
-            try:
-                written = _decode(sess, seqs, rows, gen, controller, out_path, batch_size, bucket,
-                                  jax.random.key(args.seed), say)
-            except GenerateError as e:
-                raise UsageError(str(e)) from None
-    finally:
-        if created_sidecar and not os.path.exists(out_path):
-            os.unlink(settings_path(out_path))    # nothing written: leave nothing behind
-        lock.release()
-    if rejects.count:
-        warn(f"batch: {rejects.count} of {lines} input lines rejected (reported above); "
-             f"{written} answers written to {out_path}.")
-        return 1
-    say(f"batch: done, {written} answers written to {out_path} "
-        f"({len(done)} were there already).")
-    return 0
+                    decoded, written = _decode(sess, mesh, seqs, rows, gen, controller,
+                                               out_path if writer else None, per_host,
+                                               batch_size, bucket, jax.random.key(args.seed),
+                                               say, quiet)
+                except GenerateError as e:
+                    raise UsageError(str(e)) from None
+            MH.barrier(f"dllm-jax batch done: {args.output}")
+        finally:
+            if created_sidecar and not os.path.exists(out_path):
+                os.unlink(settings_path(out_path))    # nothing written: leave nothing behind
+            if lock is not None:
+                lock.release()
+    target = out_path if alone or not per_host else output_path(args.output, "*", pcount)
+    progress.summary(
+        f"batch: {decoded} answered, {len(items) - len(pending)} skipped (already in {target}), "
+        f"{rejects.count} of {lines} input lines rejected"
+        + (" (reported above)" if rejects.count else "")
+        + f", {time.perf_counter() - t0:.1f} s"
+        + (f"; {written} answers written to {out_path}." if writer else "."),
+        quiet=(args.quiet and not rejects.count) or not lead)
+    return 1 if rejects.count else 0
 
 
-def _decode(sess: Any, seqs: list[list[int]], rows: list[Any], gen: Any, controller: Any,
-            out_path: str, batch_size: int, bucket: int, key: Any, say: Any) -> int:
-    """Decode `seqs` in length-bucketed batches, appending each finished batch to the output
-    (created at the first answer); returns the answers written."""
+def _decode(sess: Any, mesh: Any, seqs: list[list[int]], rows: list[Any], gen: Any,
+            controller: Any, out_path: str | None, per_host: bool, batch_size: int,
+            bucket: int, key: Any, say: Any, quiet: bool) -> tuple[int, int]:
+    """Decode `seqs` (one id list per row, ids `rows`) in length-bucketed batches `[B, P]`,
+    B = `batch_size`, P a multiple of `bucket`; each finished batch's answers this process
+    writes are appended to `out_path` (None: writes nothing), created at the first answer.
+    Returns (rows decoded, answers written)."""
+    from dllm_jax import multihost as MH
+    from dllm_jax import progress
+
     batches = make_batches([len(s) for s in seqs], batch_size)
+    key, controller = MH.replicate(mesh, (key, controller))
     fd = None
-    t0, finished, answer_tokens = time.perf_counter(), 0, 0
+    t0, finished, written = time.perf_counter(), 0, 0
+    bar = progress.bar(len(rows), "batch", quiet=quiet, unit="prompt")
+    lines = not progress.shows_bar(quiet)
     try:
         for bi, idx in enumerate(batches):
             length = bucket_length(max(len(seqs[i]) for i in idx), bucket)
             length = min(length, sess.cfg.max_position - gen.gen_length)
             prompt, valid = sess.pad([seqs[i] for i in idx], width=length, rows=batch_size)
-            out = sess.generate_ids(prompt, valid, gen, controller, key=key)
-            records = [{"id": rows[i], **a.to_json()}
-                       for i, a in zip(idx, sess.answers(out, len(idx)))]
-            if fd is None:
-                fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            append_records(fd, records)
+            out = sess.generate_ids(MH.feed(mesh, prompt), MH.feed(mesh, valid), gen,
+                                    controller, key=key)
+            mine, host = MH.answers_rows(mesh, out, per_host)
+            answers = sess.answers(host)
+            records = [{"id": rows[idx[r]], **answers[r].to_json()}
+                       for r in mine if r < len(idx)]
+            if out_path is not None and records:
+                if fd is None:
+                    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                append_records(fd, records)
+                written += len(records)
             finished += len(idx)
-            answer_tokens += len(idx) * gen.gen_length
-            dt = time.perf_counter() - t0
-            say(f"batch {bi + 1}/{len(batches)}: {finished}/{len(rows)} answers "
-                f"({100.0 * finished / max(len(rows), 1):.0f}%), prompt bucket {length}, "
-                f"{answer_tokens / dt:.1f} answer tokens/s")
+            bar.update(len(idx))
+            if lines:
+                dt = time.perf_counter() - t0
+                say(f"batch {bi + 1}/{len(batches)}: {finished}/{len(rows)} answers "
+                    f"({100.0 * finished / max(len(rows), 1):.0f}%), prompt bucket {length}, "
+                    f"{finished * gen.gen_length / dt:.1f} answer tokens/s")
     finally:
+        bar.close()
         if fd is not None:
             os.close(fd)
-    return finished
+    return finished, written

@@ -122,6 +122,16 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
     return prompt.astype(np.int32), valid
 
 
+def _is_global(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def _host_rows(x: Any) -> Any:
+    """A prompt array spread over several processes: the rows this process holds (what it
+    can check); anything else unchanged."""
+    return np.asarray(x.addressable_data(0)) if _is_global(x) else x
+
+
 def generate(
     params: Any,
     model_cfg: ModelConfig,
@@ -140,7 +150,9 @@ def generate(
     Args:
       params: model params (see `model.py`).
       model_cfg: the model's config.
-      prompt: int `[B, P]` token ids, left-padded; a 1-D array is one row.
+      prompt: int `[B, P]` token ids, left-padded; a 1-D array is one row. On a mesh over
+        several processes, a global array fed per process (`multihost.feed`), as is
+        `prompt_valid`.
       gen_cfg: static decode settings.
       controller: a Controller (see `controllers.make_controller`).
       prompt_valid: bool `[B, P]`, False on padding; None means no padding.
@@ -154,8 +166,13 @@ def generate(
     Returns:
       GenerateOutput with tokens `[B, gen_length]` and DecodeStats.
     """
-    prompt, valid = _validate(model_cfg, prompt, prompt_valid, gen_cfg, controller,
-                              draft_params, draft_cfg)
+    fed = _is_global(prompt)    # rows fed per process (dllm_jax.multihost): checked here
+    checked = _validate(model_cfg, _host_rows(prompt), _host_rows(prompt_valid), gen_cfg,
+                        controller, draft_params, draft_cfg)
+    prompt, valid = (prompt, prompt_valid) if fed else checked
+    if fed and (mesh is None or prompt_valid is None):
+        raise GenerateError("a prompt spread over several processes needs its mesh and "
+                            "prompt_valid (see dllm_jax.multihost.feed).")
     if key is None:
         key = jax.random.key(0)
     if mesh is not None:

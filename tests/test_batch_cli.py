@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,9 +110,15 @@ def test_kill_and_restart_every_id_once(model_dir: Path, tmp_path: Path,
 
     assert main(argv) == 1                        # 1: lines were rejected
     err2 = capsys.readouterr().err
-    assert "5 of 17 input lines rejected" in err2
     assert "partial last line" in err2
     assert f"{len(first)} already in" in err2
+    # one summary line: answered / skipped / rejected / seconds
+    [summary] = [x for x in err2.splitlines() if " answered, " in x]
+    assert re.fullmatch(
+        rf"batch: {len(want_ids) - len(first)} answered, {len(first)} skipped \(already in "
+        rf".*answers\.jsonl\), 5 of 17 input lines rejected \(reported above\), "
+        rf"[0-9.]+ s; {len(want_ids) - len(first)} answers written to .*answers\.jsonl\.",
+        summary), summary
     records = _answers(out)
     got = [json.dumps(r["id"]) for r in records]
     assert sorted(got) == sorted(want_ids) and len(got) == len(set(got))
@@ -191,3 +198,41 @@ def test_bad_mesh_is_one_line_error(model_dir: Path, tmp_path: Path,
                str(tmp_path / "o.jsonl"), "--mesh", "data=3"])
     assert rc == 2
     assert "error: --mesh:" in capsys.readouterr().err
+
+
+def test_progress_bar_over_rows_and_quiet_summary(model_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the bar counts input rows (one update per batch) instead of per-batch
+    lines; --quiet prints nothing when no line is rejected."""
+    from dllm_jax import progress
+
+    inp, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt_ids": [4 + i] * (1 + i)}) + "\n"
+                           for i in range(5)))
+    bars = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str, **kwargs: object) -> None:
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(progress, "bar", Bar)
+    monkeypatch.setattr(progress, "shows_bar", lambda quiet, stream=None: not quiet)
+    argv = ["batch", "--model", str(model_dir), "--input", str(inp), "--output", str(out),
+            "--batch-size", "2", "--bucket", "4", *GEN_ARGS]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    [bar] = bars
+    assert (bar.total, bar.n, bar.closed) == (5, 5, True)
+    assert "batch 1/" not in err                 # the bar replaces the per-batch lines
+    assert "5 answered, 0 skipped" in err
+    out.unlink()
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
