@@ -1,7 +1,9 @@
 """`dllm-jax serve`: the OpenAI-compatible server on a real loopback port (uvicorn in a thread,
 httpx as the client) with the bundled model: answers equal `dllm-jax generate`'s for the same
-settings (alone or batched), streams replay the denoising and concatenate to the answer,
-errors are OpenAI-shaped, the metrics parse, a full queue gets 429, SIGTERM exits 0."""
+settings (alone or batched), streams carry the denoising block by block and concatenate to the
+answer, errors are OpenAI-shaped, the metrics parse, a full queue gets 429, SIGTERM exits 0.
+(Continuous batching: test_serve_blocks.py; the openai client: test_serve_openai.py; the
+demo page in a browser: test_serve_demo.py.)"""
 
 from __future__ import annotations
 
@@ -13,25 +15,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import httpx
-import jax
-import uvicorn
 
 from dllm_jax import session
-from dllm_jax.cli_options import DEFAULT_GEN_LENGTH, decode_settings
-from dllm_jax.generate_cli import add_arguments as add_generate_arguments
+from dllm_jax.cli_options import DEFAULT_GEN_LENGTH
 from dllm_jax.serve.app import create_app, with_chat_template
 from dllm_jax.serve.protocol import ServeDefaults
+from tests.serve_helpers import (PROMPTS, generate_settings, metric_samples, reference,
+                                 serving, sse_payloads)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["sort: 9 4 7 1", "reverse: Eve Bob Zoe", "sort: 3 8 2", "reverse: Quinn Uma Carol",
-           "sort: 5 1 6 2 9", "reverse: Bob Eve", "sort: 7 3", "reverse: Zoe Alice Bob Eve"]
 
 
 @pytest.fixture(scope="module")
@@ -42,73 +40,14 @@ def sess():
 @pytest.fixture(scope="module")
 def url(sess):
     """A real server (uvicorn, loopback, any free port) over the bundled model."""
-    app = create_app(sess, max_batch=4)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serving(sess, max_batch=4) as (base, _app):
+        yield base
 
 
 @pytest.fixture(scope="module")
 def client(url):
     with httpx.Client(base_url=url, timeout=120) as c:
         yield c
-
-
-def generate_settings(*flags: str):
-    """(GenerateConfig, controller, seed) exactly as `dllm-jax generate PROMPT *flags` builds
-    them."""
-    p = argparse.ArgumentParser()
-    add_generate_arguments(p)
-    args = p.parse_args(["prompt", *flags])
-    gen, controller = decode_settings(args, str(session.resolve_model_dir(None)))
-    return gen, controller, args.seed
-
-
-def reference(sess, prompts, *flags, chat=False, key_seed=None):
-    gen, controller, seed = generate_settings(*flags)
-    key = jax.random.key(seed if key_seed is None else key_seed)
-    return sess.generate(prompts, gen, controller, key=key, chat=chat)
-
-
-def sse_payloads(text: str) -> list[str]:
-    """The `data:` payloads of an SSE body, checking that events are separated by blank
-    lines and that every line is a field or a comment."""
-    events, current = [], []
-    for line in text.replace("\r\n", "\n").split("\n"):
-        if not line:
-            if current:
-                events.append("\n".join(current))
-                current = []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        assert field in ("data", "event", "id", "retry"), line
-        if field == "data":
-            current.append(value[1:] if value.startswith(" ") else value)
-    assert not current, "the stream ended inside an event"
-    return events
-
-
-def metric_samples(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                            + "}" if s.labels else "")
-            out[key] = s.value
-    return out
 
 
 # ----------------------------------------------------------------------------- answers
@@ -124,11 +63,12 @@ def test_defaults_are_generates() -> None:
 
 
 def test_completions_equal_generate(sess, client) -> None:
-    r = client.post("/v1/completions", json={"prompt": PROMPTS[:2]})
+    prompts = [PROMPTS[0], "sort: 5 1 6 2"]          # equal lengths: one reference compile
+    r = client.post("/v1/completions", json={"prompt": prompts})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "tasks-llada-4.6m"
-    ref = reference(sess, [PROMPTS[0]]) + reference(sess, [PROMPTS[1]])
+    ref = reference(sess, prompts[:1]) + reference(sess, prompts[1:])
     assert [c["index"] for c in body["choices"]] == [0, 1]
     for c, a in zip(body["choices"], ref):
         assert c["text"] == a.text and c["dllm"]["tokens"] == a.tokens and c["dllm"]["nfe"] == a.nfe
@@ -196,10 +136,11 @@ def test_batch_wait_collects_a_batch(sess) -> None:
 
 # ----------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("chat", [False, True])
-def test_stream_replays_the_denoising(client, chat) -> None:
+def test_stream_carries_the_denoising(client, chat) -> None:
     route = "/v1/chat/completions" if chat else "/v1/completions"
     base = ({"messages": [{"role": "user", "content": PROMPTS[4]}]} if chat
             else {"prompt": PROMPTS[4]})
+    base["block_length"] = 8
     plain = client.post(route, json=base).json()["choices"][0]
     want = plain["message"]["content"] if chat else plain["text"]
     r = client.post(route, json={**base, "stream": True,
@@ -224,8 +165,12 @@ def test_stream_replays_the_denoising(client, chat) -> None:
     assert positions == list(range(32))  # every position committed exactly once
     assert steps[-1]["masked"] == 0 and steps[0]["masked"] > 0
     assert all(0.0 <= t["confidence"] <= 1.0 for s in steps for t in s["committed"])
+    assert [s["block"] for s in steps] == sorted(s["block"] for s in steps)
+    assert {s["block"] for s in steps} == {0, 1, 2, 3}
+    assert all(t["position"] // 8 == s["block"] for s in steps for t in s["committed"])
     assert sum(1 for t in texts if t) > 1 or len(want) <= 1  # the text arrived in pieces
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
+    assert chunks[-1]["dllm"]["final"] and chunks[-1]["dllm"]["nfe"] == plain["dllm"]["nfe"]
 
 
 # ----------------------------------------------------------------------------- fields
@@ -235,9 +180,11 @@ def test_n_seed_and_stop(sess, client) -> None:
     b = client.post("/v1/completions", json=req).json()
     assert [c["index"] for c in a["choices"]] == [0, 1, 2]
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
-    [ref] = reference(sess, [PROMPTS[0]], "--temperature", "1.0", key_seed=7)
+    refs = reference(sess, [PROMPTS[0]] * 3, "--temperature", "1.0", key_seed=7)
+    assert [c["text"] for c in a["choices"]] == [r.text for r in refs]
+    assert [c["dllm"]["nfe"] for c in a["choices"]] == [r.nfe for r in refs]
     one = client.post("/v1/completions", json={**req, "n": 1}).json()["choices"][0]
-    assert one["text"] == ref.text == a["choices"][0]["text"]
+    assert one["text"] == refs[0].text
     # greedy n > 1: n equal answers
     g = client.post("/v1/completions", json={"prompt": PROMPTS[0], "n": 2}).json()["choices"]
     assert [c["text"] for c in g] == ["1 4 7 9"] * 2

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the batching `Engine`.
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true`: server-sent
-events in OpenAI's chunk format, ending with `data: [DONE]`; see `responses.py` for how the
-denoising is streamed), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET
-/metrics` (Prometheus text). Errors are OpenAI's `{"error": {"message", "type", "param",
+events in OpenAI's chunk format, sent as the blocks are decoded, ending with `data:
+[DONE]`; see `responses.py`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET
+/metrics` (Prometheus text), `GET /` (the demo page, `static/index.html`: the denoising
+drawn live from a stream). Errors are OpenAI's `{"error": {"message", "type", "param",
 "code"}}`: 400 for bad JSON and bad fields (named in `param`), 404 for an unknown model or
 route, 429 when the queue is full, 503 while shutting down, 504 past the request timeout.
 
@@ -19,26 +20,28 @@ import contextlib
 import dataclasses
 import json
 import time
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dllm_jax.serve import responses as R
-from dllm_jax.serve.engine import Engine, Job
+from dllm_jax.serve.engine import Engine
+from dllm_jax.serve.lanes import Job, Listener, RowResult
 from dllm_jax.serve.metrics import Metrics
 from dllm_jax.serve.protocol import (ApiError, ServeDefaults, bad_field, decode_settings,
                                      parse_request, stop_strings)
+from dllm_jax.serve.streaming import Stream
+
+#: The demo page `GET /` serves (package data).
+DEMO_PAGE = Path(__file__).with_name("static") / "index.html"
 
 #: The chat template of models whose tokenizer has none (the bundled task model): the
 #: messages' contents joined by spaces, so a chat message decodes like the same prompt.
 TRIVIAL_CHAT_TEMPLATE = ("{% for m in messages %}{% if not loop.first %} {% endif %}"
                          "{{ m['content'] }}{% endfor %}")
-
-
-#: Seconds a running stream may take to finish after SIGTERM (uvicorn's own grace: 30 s).
-STREAM_GRACE_S = 25.0
 
 
 def with_chat_template(sess: Any) -> Any:
@@ -58,6 +61,18 @@ def _uses_time_grid(controller: Any) -> bool:
     return isinstance(controller, DreamOrder)
 
 
+def _check_canvas_options(controller: Any, arch: str) -> None:
+    """entropy_bound's canvas-only options are refused on masked models (as `generate`
+    refuses them), with a 400 naming the first."""
+    from controllers.entropy_bound import EntropyBound
+
+    if arch != "diffusion_gemma" and isinstance(controller, EntropyBound):
+        changed = controller.canvas_only_changes()
+        if changed:
+            raise bad_field(changed[0], f"{', '.join(changed)} apply to DiffusionGemma's canvas "
+                                        f"only; this is a {arch} model, leave them out.")
+
+
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -67,14 +82,15 @@ class Server:
 
     def __init__(self, sess: Any, *, served_model_name: str | None, defaults: ServeDefaults,
                  max_batch: int, bucket: int, max_queue: int, request_timeout: float,
-                 batch_wait: float) -> None:
+                 batch_wait: float, on_block: Callable[[], None] | None = None) -> None:
         self.session = with_chat_template(sess)
         self.model_name = served_model_name or self.session.model_dir.name
         self.defaults = defaults
         self.request_timeout = float(request_timeout)
         self.metrics = Metrics(max_batch)
         self.engine = Engine(self.session, max_batch=max_batch, bucket=bucket,
-                             max_queue=max_queue, batch_wait=batch_wait, metrics=self.metrics)
+                             max_queue=max_queue, batch_wait=batch_wait, metrics=self.metrics,
+                             on_block=on_block)
         self.metrics.max_batch = self.engine.max_batch
         self.created = int(time.time())
 
@@ -124,7 +140,8 @@ class Server:
             return [self._encode_text(s, "prompt") for s in p]
         return [self._encode_ids(list(s), "prompt") for s in p]
 
-    def submit(self, req: Any, chat: bool) -> tuple[list[list[int]], list[Job]]:
+    def submit(self, req: Any, chat: bool, listener: Listener | None = None
+               ) -> tuple[list[list[int]], list[Job]]:
         self.check_model(req.model)
         cfg = self.session.cfg
         settings = decode_settings(req, self.defaults, cfg.max_position - 1)
@@ -144,6 +161,7 @@ class Server:
             raise bad_field("prompt", f"{len(prompts)} prompts x n={req.n} exceed the queue "
                                       f"({self.engine.max_queue} rows).")
         controller = self.engine.controller(settings.controller_key)
+        _check_canvas_options(controller, cfg.arch)
         gen = settings.gen
         if gen.steps > gen.gen_length and not _uses_time_grid(controller):
             raise bad_field("steps", f"steps ({gen.steps}) is more than the answer length "
@@ -152,7 +170,7 @@ class Server:
                                      f"per step, so at most {gen.gen_length} steps would run.")
         rows = req.n if settings.uses_key else 1
         jobs = [Job(ids=p, rows=rows, settings=settings, controller=controller,
-                    trace=bool(req.stream)) for p in prompts]
+                    listener=listener) for p in prompts]
         submitted: list[Job] = []
         try:
             for job in jobs:
@@ -160,7 +178,7 @@ class Server:
                 submitted.append(job)
         except ApiError:
             for job in submitted:
-                job.future.cancel()
+                job.cancel()
             raise
         return prompts, jobs
 
@@ -171,18 +189,23 @@ class Server:
             _, late = await asyncio.wait(futs, timeout=self.request_timeout)
         except asyncio.CancelledError:  # the client left or the server is stopping
             for j in jobs:
-                j.future.cancel()
+                j.cancel()
             raise
         if late:
             for j in jobs:
-                j.future.cancel()
-            raise ApiError(504, f"the request took longer than the server's timeout "
-                                f"({self.request_timeout:g} s).", type="timeout_error",
-                           code="timeout")
-        errors = [e for e in (f.exception() for f in futs) if e is not None]
+                j.cancel()
+            raise self.timeout_error()
+        errors = [e for e in (f.exception() for f in futs if not f.cancelled()) if e is not None]
         if errors:
             raise errors[0]
-        done = [f.result() for f in futs]
+        return self.choices(req, [f.result() for f in futs])
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(504, f"the request took longer than the server's timeout "
+                             f"({self.request_timeout:g} s).", type="timeout_error",
+                        code="timeout")
+
+    def choices(self, req: Any, done: list[list[RowResult]]) -> list[R.Choice]:
         stops = stop_strings(req)
         out = []
         for pi, rows in enumerate(done):
@@ -202,11 +225,13 @@ class Server:
                 raise ApiError(400, f"the request body is not valid JSON ({e}).",
                                code="invalid_json") from None
             req = parse_request("chat" if chat else "completion", body)
-            prompts, jobs = self.submit(req, chat)
             rid = R.new_id("chatcmpl" if chat else "cmpl")
             if req.stream:
+                stream = Stream(self, req, rid, chat, t0)
+                prompts, jobs = self.submit(req, chat, stream.listener)
                 self.metrics.request(route, 200)
-                return self._stream(req, rid, chat, prompts, jobs)
+                return stream.response(prompts, jobs)
+            prompts, jobs = self.submit(req, chat)
             choices = await self.results(req, jobs)
         except ApiError as e:
             self.metrics.request(route, e.status)
@@ -215,34 +240,6 @@ class Server:
         return JSONResponse(R.completion_body(rid, self.model_name, chat, choices,
                                               R.usage([len(p) for p in prompts], choices,
                                                       req.n)))
-
-    def _stream(self, req: Any, rid: str, chat: bool, prompts: list[list[int]],
-                jobs: list[Job]) -> Any:
-        from sse_starlette.sse import EventSourceResponse
-
-        model = self.model_name
-
-        async def events() -> AsyncIterator[dict[str, str]]:
-            if chat:
-                for i in range(len(prompts) * req.n):
-                    yield {"data": json.dumps(R.chunk(rid, model, chat, i, "", None, role=True))}
-            try:
-                choices = await self.results(req, jobs)
-            except ApiError as e:
-                yield {"data": json.dumps(e.body())}
-                yield {"data": "[DONE]"}
-                return
-            for c in R.stream_chunks(self.session, rid, model, chat, choices):
-                yield {"data": json.dumps(c)}
-            if req.stream_options is not None and req.stream_options.include_usage:
-                use = R.usage([len(p) for p in prompts], choices, req.n)
-                yield {"data": json.dumps({"id": rid, "object": "chat.completion.chunk" if chat
-                                           else "text_completion", "created": int(time.time()),
-                                           "model": model, "choices": [], "usage": use})}
-            yield {"data": "[DONE]"}
-
-        # on shutdown, a running stream gets STREAM_GRACE_S to finish before it is cut
-        return EventSourceResponse(events(), ping=15, shutdown_grace_period=STREAM_GRACE_S)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card()]}
@@ -256,14 +253,16 @@ class Server:
 def create_app(sess: Any, *, served_model_name: str | None = None,
                defaults: ServeDefaults | None = None, max_batch: int = 8, bucket: int = 16,
                max_queue: int = 256, request_timeout: float = 600.0,
-               batch_wait: float = 0.0) -> FastAPI:
+               batch_wait: float = 0.0, on_block: Callable[[], None] | None = None
+               ) -> FastAPI:
     """The FastAPI app serving `sess` (a `session.Session`). `app.state.server` holds the
     Server (engine, metrics). The engine thread starts with the app (or at the first
-    request) and stops at shutdown: queued requests then get a 503."""
+    request) and stops at shutdown: queued requests then get a 503. `on_block`: called
+    by the scheduler thread between two blocks (see `Engine`)."""
     server = Server(sess, served_model_name=served_model_name,
                     defaults=defaults or ServeDefaults(), max_batch=max_batch, bucket=bucket,
                     max_queue=max_queue, request_timeout=request_timeout,
-                    batch_wait=batch_wait)
+                    batch_wait=batch_wait, on_block=on_block)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -294,6 +293,10 @@ def create_app(sess: Any, *, served_model_name: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await server.complete(request, chat=True)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def demo() -> Any:
+        return HTMLResponse(DEMO_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
     async def models() -> Any:

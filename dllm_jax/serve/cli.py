@@ -9,8 +9,10 @@ Contract:
          fields a request leaves out: --gen-length --block-length --steps --controller
          --threshold ... --temperature --cfg --cache --refresh-every --seed]
 
-SIGTERM / Ctrl-C: stop accepting connections, let running requests finish (30 s grace),
-answer queued ones with a 503 error, exit 0.
+Continuous batching (see `engine.py`): one scheduler thread decodes block by block; between
+two blocks finished rows leave and queued requests with the same settings take their slots.
+`GET /` serves the demo page. SIGTERM / Ctrl-C: stop accepting connections, let running
+requests finish (30 s grace), answer queued ones with a 503 error, exit 0.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=2,model=2 (default: one device)")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="rows per decode batch (default 8; every batch is padded to it)")
+                   help="slots of the continuous batch (default 8): requests join it between "
+                        "two blocks")
     p.add_argument("--bucket", type=int, default=16,
-                   help="pad prompt lengths up to a multiple of this (default 16)")
+                   help="prompt widths are padded to bucket * 2^k (default 16)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="most rows waiting; more requests get 429 (default 256)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds before a request is answered 504 (default 600)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
-                   help="hold a not-full batch this long for more requests (default 0)")
+                   help="hold a new, not-full batch this long for more requests (default 0)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the model folder's name)")
     p.add_argument("--dtype", default=None, help="params dtype (default: as stored)")

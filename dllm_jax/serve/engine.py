@@ -1,73 +1,44 @@
-"""The batching scheduler: one thread owns the device and decodes batches of waiting requests.
-
-How batching works here (and what "continuous" means for a compiled dLLM decode):
+"""The scheduler: one thread owns the device and decodes waiting requests with continuous
+batching, one compiled block at a time.
 
 - Requests become `Job`s (one per prompt: one row, or `n` rows for a request that samples)
   and wait in a bounded FIFO queue (`submit` raises a 429 ApiError when it is full).
-- The scheduler thread takes the oldest waiting job and, behind it in arrival order, every
-  waiting job with the same decode settings (`DecodeSettings.group`: GenerateConfig and
-  controller) until `max_batch` rows are filled; it pads the prompts on the left to the
-  longest one rounded up to a multiple of `bucket` (as `dllm-jax batch` does), fills the
-  remaining rows with copies of a real row, and runs `decode.generate` once. So shapes are
-  `[max_batch, bucket * k]`: a few compiles per setting, whatever the traffic.
-- `decode.generate` runs the whole denoising of a batch in one compiled `lax.while_loop`, so a
-  running batch cannot take new rows: requests that arrive while it runs wait for the NEXT
-  batch, which starts as soon as the device is free (no fixed window; `batch_wait` can hold a
-  not-full batch back a few milliseconds to collect more). Slot refill between blocks of a
-  running batch is not done.
-- Rows never influence each other in `generate` (blocks advance in lockstep, a finished row
-  waits unchanged), so a greedy answer is the same alone or in a full batch. A request whose
-  decode draws on the PRNG key (temperature > 0, a random controller, or an explicit `seed`)
-  is decoded in a batch of its own, rows 0..n-1, with `key(seed)`: its answers then equal
-  `Session.generate([prompt] * n, key=jax.random.key(seed))` whatever else is queued.
-- A batch with a streaming job decodes with `GenerateConfig(trace=True)`, so the job gets the
-  per-step commits to replay (see `stream.py`).
+- When the device is idle, the oldest waiting job opens a `Lane` (`lanes.py`): `max_batch`
+  slots, its decode settings (`DecodeSettings.group`), a prompt width from a short ladder
+  (`bucket * 2^k`, so a few compiled shapes per setting), and it is admitted together with
+  the compatible jobs queued behind it (FIFO; `batch_wait` can hold a not-full lane back a
+  few milliseconds to collect more).
+- The lane decodes block by block (`blocks.run_block`: all steps of a block inside one
+  compiled loop, every row at its own block). Between two blocks, rows that finished leave
+  (their request is answered at once) and queued jobs with the same settings and a prompt
+  that fits take the free slots (their prompt is prefilled by the next block's first step).
+  Admission is FIFO and stops at the first waiting job that cannot join, so a request with
+  other settings waits only until the running lane drains, then opens the next lane.
+- Rows never influence each other, so in float32 an answer equals `generate`'s for that
+  prompt alone, whether the row opened a lane or joined a full one mid-flight. A request
+  that samples (temperature > 0, a random controller, an explicit `seed`) gets an exclusive
+  lane, rows 0..n-1, key(seed): its answers equal `Session.generate([prompt] * n,
+  key=jax.random.key(seed))` whatever else is queued.
+- Speculative controllers (SimSD), sessions on a mesh and DiffusionGemma (its canvas
+  sampler) are decoded by one whole `Session.generate_ids` call per batch instead
+  (`lanes.decode_whole`); their streams come when that call has finished.
+- A cancelled job (request timeout, client gone) leaves the queue, or frees its slots at the
+  next block boundary. `close()` answers the queued jobs 503 and lets the lane finish the
+  rows it holds.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
-
+from dllm_jax.serve import blocks as BL
+from dllm_jax.serve.lanes import Job, Lane, RowResult, decode_whole, width_ladder
 from dllm_jax.serve.metrics import Metrics
-from dllm_jax.serve.protocol import ApiError, DecodeSettings, bad_field
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One prompt of a request: `rows` copies of its ids decode in one batch."""
-
-    ids: list[int]
-    rows: int
-    settings: DecodeSettings
-    controller: Any
-    trace: bool = False
-    future: concurrent.futures.Future = dataclasses.field(
-        default_factory=concurrent.futures.Future)
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-@dataclasses.dataclass(frozen=True)
-class RowResult:
-    """One decoded row. tokens / fix_step `[G]` (fix_step: the loop step that fixed each
-    answer token, -1 never); with a trace, confidence `[S, Lb]` of the candidates at each
-    step and block `[S]` (the active block, -1 after the last step)."""
-
-    tokens: np.ndarray
-    nfe: int
-    steps: int
-    fix_step: np.ndarray
-    confidence: np.ndarray | None
-    block: np.ndarray | None
-    batch_rows: int
-    queued_s: float
-    decode_s: float
+from dllm_jax.serve.protocol import ApiError, bad_field
 
 
 def bucket_length(n: int, multiple: int) -> int:
@@ -78,16 +49,18 @@ class Engine:
     """The scheduler. `submit(job)` -> the job's Future of `list[RowResult]` (one per row).
 
     Args:
-      session: a `dllm_jax.session.Session` (its mesh, if any, shards each batch).
-      max_batch: rows per batch (rounded up to a multiple of the mesh's data axis).
-      bucket: prompt widths are padded to multiples of this (and of the mesh's seq axis).
+      session: a `dllm_jax.session.Session`.
+      max_batch: slots per lane (rounded up to a multiple of the mesh's data axis).
+      bucket: the prompt width ladder's first rung (widths bucket * 2^k).
       max_queue: most rows waiting; beyond it `submit` raises ApiError(429).
-      batch_wait: seconds a not-full batch waits for more compatible requests (0: none).
+      batch_wait: seconds a new, not-full lane waits for more compatible requests (0: none).
+      on_block: called by the scheduler thread between two blocks (instrumentation, tests).
     """
 
     def __init__(self, session: Any, *, max_batch: int = 8, bucket: int = 16,
                  max_queue: int = 256, batch_wait: float = 0.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 on_block: Callable[[], None] | None = None) -> None:
         data, seq = 1, 1
         if session.mesh is not None:
             from dllm_jax import sharding as S
@@ -99,6 +72,7 @@ class Engine:
         self.bucket = math.lcm(max(1, int(bucket)), seq)
         self.max_queue = int(max_queue)
         self.batch_wait = float(batch_wait)
+        self.on_block = on_block
         self.metrics = metrics or Metrics(self.max_batch)
         self.metrics.queue = self.queue_size
         self._pending: list[Job] = []
@@ -131,7 +105,7 @@ class Engine:
             return self._controllers[key]
 
     def queue_size(self) -> tuple[int, int, int]:
-        """(waiting jobs, waiting rows, rows of the batch decoding now)."""
+        """(waiting jobs, waiting rows, rows decoding now)."""
         with self._cond:
             return len(self._pending), sum(j.rows for j in self._pending), self._running
 
@@ -160,7 +134,7 @@ class Engine:
                 self._thread.start()
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Stop: queued jobs fail with a 503 error, the running batch finishes."""
+        """Stop: queued jobs fail with a 503 error, the running lane finishes its rows."""
         with self._cond:
             self._closed = True
             pending, self._pending = self._pending, []
@@ -177,13 +151,23 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    # ------------------------------------------------------------------ scheduler
-    def _take(self) -> list[Job]:
-        """The next batch (called with the lock held): the oldest live job and the
-        compatible jobs behind it, FIFO, up to max_batch rows."""
-        self._pending = [j for j in self._pending if not j.future.cancelled()]
+    # ------------------------------------------------------------------ scheduling
+    def _continuous(self, job: Job) -> bool:
+        """Block by block (a Lane), or one whole `generate` call (speculative controllers,
+        a mesh, DiffusionGemma's canvas decode)."""
+        return (self.session.mesh is None and self.session.cfg.arch != "diffusion_gemma"
+                and BL.supports(job.controller, job.settings.gen.block_length))
+
+    def _start(self, job: Job) -> bool:
+        """Mark a queued job running (False: it was cancelled meanwhile)."""
+        return not job.cancelled and job.future.set_running_or_notify_cancel()
+
+    def _take_new(self) -> tuple[list[Job], bool]:
+        """(jobs, continuous) for a new lane or whole decode (lock held): the oldest live
+        job and the compatible jobs behind it, FIFO, up to max_batch rows."""
+        self._pending = [j for j in self._pending if not j.cancelled]
         if not self._pending:
-            return []
+            return [], False
         head = self._pending[0]
         batch, rows = [head], head.rows
         if not head.settings.uses_key:
@@ -194,7 +178,19 @@ class Engine:
                     batch.append(job)
                     rows += job.rows
         self._pending = [j for j in self._pending if j not in batch]
-        return [j for j in batch if j.future.set_running_or_notify_cancel()]
+        return [j for j in batch if self._start(j)], self._continuous(head)
+
+    def _take_joiners(self, lane: Lane) -> list[Job]:
+        """Queued jobs that join `lane` now (lock held): FIFO, up to the first that cannot."""
+        self._pending = [j for j in self._pending if not j.cancelled]
+        out, free = [], lane.free
+        for job in self._pending:
+            if job.rows > free or not lane.accepts(job):
+                break
+            out.append(job)
+            free -= job.rows
+        self._pending = self._pending[len(out):]
+        return [j for j in out if self._start(j)]
 
     def _head_rows(self) -> int:
         head = self._pending[0]
@@ -203,78 +199,68 @@ class Engine:
         return sum(j.rows for j in self._pending if not j.settings.uses_key
                    and j.settings.group == head.settings.group)
 
+    def _wait_for_work(self) -> tuple[list[Job], bool] | None:
+        """Block until there is a new lane to open (None: closed and nothing queued)."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed and not self._pending:
+                return None
+            if self.batch_wait > 0:
+                end = time.perf_counter() + self.batch_wait
+                while (not self._closed and self._pending
+                       and self._head_rows() < self.max_batch
+                       and (left := end - time.perf_counter()) > 0):
+                    self._cond.wait(left)
+            jobs, continuous = self._take_new()
+            self._running = sum(j.rows for j in jobs)
+            return jobs, continuous
+
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed and not self._pending:
-                    return
-                if self.batch_wait > 0:
-                    end = time.perf_counter() + self.batch_wait
-                    while (not self._closed and self._pending
-                           and self._head_rows() < self.max_batch
-                           and (left := end - time.perf_counter()) > 0):
-                        self._cond.wait(left)
-                batch = self._take()
-                self._running = sum(j.rows for j in batch)
-            if batch:
-                self._run(batch)
+        while (work := self._wait_for_work()) is not None:
+            jobs, continuous = work
+            if jobs:
+                try:
+                    if continuous:
+                        self._run_lane(jobs)
+                    else:
+                        decode_whole(self.session, jobs, self.max_batch, self.bucket,
+                                     self.metrics)
+                except BaseException as e:  # noqa: BLE001 - every waiting request gets it
+                    err = e if isinstance(e, ApiError) else ApiError(
+                        500, f"the decode failed: {type(e).__name__}: {e}",
+                        type="server_error", code="decode_failed")
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(err)
             with self._cond:
                 self._running = 0
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run_lane(self, jobs: list[Job]) -> None:
+        head = jobs[0]
+        limit = self.session.cfg.max_position - head.settings.gen.gen_length
+        width = width_ladder(max(len(j.ids) for j in jobs), self.bucket, limit)
+        lane = Lane(self.session, head, width, self.max_batch, self.metrics)
         try:
-            results = self._decode(batch)
-        except BaseException as e:  # noqa: BLE001 - every waiting request gets the error
+            lane.admit(jobs)
+            while lane.live:
+                lane.step()
+                if self.on_block is not None:
+                    self.on_block()
+                gone = [j for j in lane.jobs() if j.cancelled]
+                if gone:
+                    lane.release(gone)
+                with self._cond:
+                    joiners = [] if self._closed else self._take_joiners(lane)
+                    self._running = lane.live + sum(j.rows for j in joiners)
+                if joiners:
+                    lane.admit(joiners)
+        except BaseException as e:
             err = e if isinstance(e, ApiError) else ApiError(
                 500, f"the decode failed: {type(e).__name__}: {e}", type="server_error",
                 code="decode_failed")
-            for job in batch:
-                job.future.set_exception(err)
-            return
-        for job, rows in zip(batch, results):
-            job.future.set_result(rows)
-
-    def _decode(self, batch: list[Job]) -> list[list[RowResult]]:
-        import jax
-
-        sess, head = self.session, batch[0].settings
-        gen = dataclasses.replace(head.gen, trace=any(j.trace for j in batch))
-        seqs = [j.ids for j in batch for _ in range(j.rows)]
-        width = bucket_length(max(len(s) for s in seqs), self.bucket)
-        width = max(min(width, sess.cfg.max_position - gen.gen_length), max(map(len, seqs)))
-        ids, valid = sess.pad(seqs, width=width, rows=self.max_batch)
-        t0 = time.perf_counter()
-        out = sess.generate_ids(ids, valid, gen, batch[0].controller,
-                                key=jax.random.key(head.seed))
-        tokens = np.asarray(out.tokens)
-        seconds = time.perf_counter() - t0
-        nfe, fix = np.asarray(out.stats.nfe), np.asarray(out.stats.fix_step)
-        steps = int(out.stats.steps)
-        conf = blocks = None
-        if gen.trace:
-            conf = np.asarray(out.stats.trace["confidence"])
-            blocks = np.asarray(out.stats.trace["block"])
-        from dllm_jax.session import cut_at_eos
-
-        eos = sess.cfg.eos_token_id
-        n_real = len(seqs)
-        self.metrics.batch(n_real, seconds,
-                           sum(len(cut_at_eos(tokens[r], eos)) for r in range(n_real)),
-                           [int(v) for v in nfe[:n_real]])
-        results, r = [], 0
-        for job in batch:
-            rows = []
-            for _ in range(job.rows):
-                rows.append(RowResult(
-                    tokens=tokens[r], nfe=int(nfe[r]), steps=steps, fix_step=fix[r],
-                    confidence=None if conf is None else conf[:, r],
-                    block=blocks, batch_rows=n_real, queued_s=t0 - job.submitted,
-                    decode_s=seconds))
-                r += 1
-            results.append(rows)
-        return results
+            lane.fail(err)
+            raise
 
 
 __all__ = ["Engine", "Job", "RowResult", "bucket_length"]

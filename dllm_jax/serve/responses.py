@@ -1,16 +1,18 @@
 """OpenAI-format bodies from decoded rows: whole responses and the stream's chunks.
 
-Streaming the denoising. The decode is one compiled loop over all steps of a batch, so no
-token leaves the device before the batch has finished; a streamed request is decoded with
-`GenerateConfig(trace=True)` and its denoising is REPLAYED from the trace once the decode
-is done: one chunk per loop step in which the row committed tokens. Each chunk's text
+Streaming the denoising. The scheduler decodes block by block and hands every streamed
+row's state to the request after each block (`lanes.Lane.step`), so chunks leave as the
+blocks are decoded: the first one block after the row started. `ChoiceStream` turns a
+row's state into one chunk per step of the row that committed tokens. Each chunk's text
 (`choices[0].text`, chat: `choices[0].delta.content`) is the newly settled left-to-right
-prefix (the text up to the first position still masked, cut at EOS and at `stop`), so the
-chunks concatenate to exactly the non-streamed answer; the extension field `dllm` carries
-that step's commits `{"step", "block", "committed": [{"position", "token", "text",
-"confidence"}], "masked"}` so that a client can draw the canvas. The stream therefore shows
-the denoising faithfully, but its first token arrives when the batch's decode ends, not
-earlier (a chat stream sends the role chunk at once).
+prefix (the text up to the first position still masked, cut at EOS and at `stop`, less
+what could still change: the last settled token's text and a tail that could begin a stop
+string), so the chunks concatenate to exactly the non-streamed answer; the extension field
+`dllm` carries that step's commits `{"step", "block", "committed": [{"position", "token",
+"text", "confidence"}], "masked"}` (step: the row's own step, as in `generate`; masked:
+positions still masked after it) so that a client can draw the canvas. The last chunk of a
+choice carries the rest of its text, `finish_reason` and the `dllm` totals. Requests that
+`generate` decodes whole (speculative controllers) get all their chunks at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dllm_jax.serve.engine import RowResult
+from dllm_jax.serve.lanes import RowResult
 from dllm_jax.session import cut_at_eos
 
 
@@ -61,10 +63,10 @@ def usage(prompt_lengths: Sequence[int], choices: Sequence[Choice], n: int) -> d
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _dllm(ch: Choice) -> dict[str, Any]:
+def dllm_totals(ch: Choice) -> dict[str, Any]:
     return {"tokens": ch.ids, "nfe": ch.row.nfe, "steps": ch.row.steps,
-            "batch_rows": ch.row.batch_rows, "queued_s": round(ch.row.queued_s, 6),
-            "decode_s": round(ch.row.decode_s, 6)}
+            "batch_rows": ch.row.batch_rows, "joined_after_blocks": ch.row.joined_after,
+            "queued_s": round(ch.row.queued_s, 6), "decode_s": round(ch.row.decode_s, 6)}
 
 
 def completion_body(rid: str, model: str, chat: bool, choices: Sequence[Choice],
@@ -72,7 +74,7 @@ def completion_body(rid: str, model: str, chat: bool, choices: Sequence[Choice],
     out = []
     for ch in choices:
         c: dict[str, Any] = {"index": ch.index, "logprobs": None,
-                             "finish_reason": ch.finish_reason, "dllm": _dllm(ch)}
+                             "finish_reason": ch.finish_reason, "dllm": dllm_totals(ch)}
         if chat:
             c["message"] = {"role": "assistant", "content": ch.text}
         else:
@@ -83,39 +85,65 @@ def completion_body(rid: str, model: str, chat: bool, choices: Sequence[Choice],
 
 
 # ----------------------------------------------------------------------------- streaming
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _stop_safe(text: str, stops: Sequence[str]) -> int:
+    """Length of the prefix of `text` that no stop string can still cut: before the first
+    stop string in it and before any tail that begins one."""
+    end = len(text)
+    for s in stops:
+        hit = text.find(s)
+        if hit >= 0:
+            end = min(end, hit)
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    return end
 
 
-def replay(session: Any, ch: Choice) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(step, text delta, dllm field) for each loop step in which the row committed tokens;
-    the deltas concatenate to a prefix of `ch.text` (the final chunk sends the rest)."""
-    row, eos = ch.row, session.cfg.eos_token_id
-    fix, tokens = np.asarray(row.fix_step), np.asarray(row.tokens)
-    lb = row.confidence.shape[1] if row.confidence is not None else 0
-    sent = 0
-    for step in sorted(set(int(s) for s in fix if s >= 0)):
-        settled = (fix >= 0) & (fix <= step)
-        first = int(np.argmin(settled)) if not settled.all() else len(tokens)
-        prefix = session.decode_text(cut_at_eos(tokens[:first], eos))
-        upto = _common_prefix(prefix, ch.text)
-        delta = ch.text[sent:upto] if upto > sent else ""
-        sent = max(sent, upto)
-        block = int(row.block[step]) if row.block is not None else -1
-        committed = []
-        for pos in np.flatnonzero(fix == step):
-            tok = int(tokens[pos])
-            conf = None
-            if row.confidence is not None and block >= 0:
-                conf = round(float(row.confidence[step, pos - block * lb]), 6)
-            committed.append({"position": int(pos), "token": tok,
-                              "text": session.decode_text([tok]), "confidence": conf})
-        yield step, delta, {"step": step, "block": block, "committed": committed,
-                            "masked": int((~settled).sum())}
+class ChoiceStream:
+    """The stream of one choice: row states in, (text delta, dllm field) per new step out.
+
+    The deltas concatenate to a prefix of the choice's final text (`final_delta` gives the
+    rest), provided the tokenizer decodes a prefix of ids to a prefix of the text up to
+    the last token (true of the word-level, byte-level BPE and SentencePiece tokenizers
+    used here; a trailing incomplete character is held back)."""
+
+    def __init__(self, session: Any, stops: Sequence[str], block_length: int) -> None:
+        self.session, self.stops, self.lb = session, list(stops), block_length
+        self.sent = ""
+        self.step = -1
+
+    def _settled_text(self, tokens: np.ndarray, first: int) -> str:
+        eos = self.session.cfg.eos_token_id
+        ids = cut_at_eos(tokens[:first], eos)
+        if len(ids) == len(tokens) or len(ids) < first:   # the answer is complete
+            text, _ = _cut_stop(self.session.decode_text(ids), self.stops)
+            return text
+        text = self.session.decode_text(ids[:-1]).rstrip("\ufffd")
+        return text[:_stop_safe(text, self.stops)]
+
+    def update(self, row: RowResult) -> Iterator[tuple[str, dict[str, Any]]]:
+        fix, tokens = np.asarray(row.fix_step), np.asarray(row.tokens)
+        conf = np.asarray(row.confidence)
+        for step in sorted(set(int(s) for s in fix if s > self.step)):
+            settled = (fix >= 0) & (fix <= step)
+            first = int(np.argmin(settled)) if not settled.all() else len(tokens)
+            text = self._settled_text(tokens, first)
+            delta = ""
+            if text.startswith(self.sent) and len(text) > len(self.sent):
+                delta = text[len(self.sent):]
+                self.sent = text
+            where = np.flatnonzero(fix == step)
+            committed = [{"position": int(pos), "token": int(tokens[pos]),
+                          "text": self.session.decode_text([int(tokens[pos])]),
+                          "confidence": None if np.isnan(conf[pos]) else round(
+                              float(conf[pos]), 6)} for pos in where]
+            self.step = step
+            yield delta, {"step": step, "block": int(where[0]) // self.lb,
+                          "committed": committed, "masked": int((~settled).sum())}
+
+    def final_delta(self, ch: Choice) -> str:
+        return ch.text[len(self.sent):] if ch.text.startswith(self.sent) else ""
 
 
 def chunk(rid: str, model: str, chat: bool, index: int, text: str | None,
@@ -138,20 +166,5 @@ def chunk(rid: str, model: str, chat: bool, index: int, text: str | None,
     return body
 
 
-def stream_chunks(session: Any, rid: str, model: str, chat: bool,
-                  choices: Sequence[Choice]) -> Iterator[dict[str, Any]]:
-    """Every chunk after the decode: per-step chunks of all choices in step order, then each
-    choice's final chunk (the rest of its text, finish_reason, and `dllm` totals)."""
-    events = [(step, ch.index, delta, d) for ch in choices
-              for step, delta, d in replay(session, ch)]
-    sent = {ch.index: 0 for ch in choices}
-    for step, index, delta, d in sorted(events, key=lambda e: (e[0], e[1])):
-        sent[index] += len(delta)
-        yield chunk(rid, model, chat, index, delta, None, d)
-    for ch in choices:
-        yield chunk(rid, model, chat, ch.index, ch.text[sent[ch.index]:], ch.finish_reason,
-                    _dllm(ch))
-
-
-__all__ = ["Choice", "chunk", "completion_body", "finish", "new_id", "replay",
-           "stream_chunks", "usage"]
+__all__ = ["Choice", "ChoiceStream", "chunk", "completion_body", "dllm_totals", "finish", "new_id",
+           "usage"]
