@@ -12,7 +12,8 @@ from __future__ import annotations
 from controllers import (baselines, ce, entropy_bound, r2,  # noqa: F401  (registration)
                          r2_centred, left_to_right, simsd, tspd)
 from controllers.base import Controller, at_least_one, top_k_commit
-from controllers.baselines import DREAM_ALGS, DreamOrder, Factor, LowConfidence, Threshold
+from controllers.baselines import (DREAM_ALGS, DreamOrder, Factor, LowConfidence, Threshold,
+                                  uses_time_grid)
 from controllers.ce import CE
 from controllers.entropy_bound import EntropyBound
 from controllers.left_to_right import LeftToRight
@@ -36,4 +37,4 @@ __all__ = ["ALL_CONTROLLER_NAMES", "CE", "CEFilter", "CONTROLLER_NAMES", "Contro
            "LeftToRight", "LowConfidence", "OptionError", "R2", "R2Centred", "R2_AGGS", "SimSD", "TSPD", "TSPDError", "TSPDParams",
            "TSPD_FILE", "Threshold", "applicable_options", "at_least_one", "controller_names",
            "get_spec", "load_tspd", "make_controller", "option", "read_tspd", "register",
-           "require", "shared_options", "top_k_commit"]
+           "require", "shared_options", "top_k_commit", "uses_time_grid"]

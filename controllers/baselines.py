@@ -202,6 +202,14 @@ class LowConfidenceOptions(ControllerOptions):
         return LowConfidence(remasking=name)
 
 
+def uses_time_grid(controller: Any) -> bool:
+    """True for Dream's orders: they follow a time grid of `steps` points and may commit
+    nothing in a step, so every step of a budget above the answer length can run; every other
+    controller commits at least one token per step (`at_least_one`), so a decode runs at most
+    gen_length steps whatever the budget (the CLIs and the server refuse a larger one)."""
+    return isinstance(controller, DreamOrder)
+
+
 @register("threshold")
 @dataclasses.dataclass(frozen=True)
 class ThresholdOptions(ControllerOptions):

@@ -50,7 +50,7 @@ of their scripts); upstream runs batch 1, this runs the rules per row of a batch
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp

@@ -182,17 +182,6 @@ def _length(value: int | None, flag: str, default: int) -> int:
     return value
 
 
-def _uses_time_grid(controller: Any) -> bool:
-    """Dream's orders follow a time grid of `steps` points and may commit nothing in a step,
-    so every step of the budget can run; the other controllers commit at least one token per
-    step, so a decode runs at most gen_length steps whatever the budget. A controller class
-    may say so itself with a class attribute `steps_may_commit_nothing = True`."""
-    from controllers import DreamOrder
-
-    return bool(getattr(type(controller), "steps_may_commit_nothing",
-                        isinstance(controller, DreamOrder)))
-
-
 def decode_settings(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]:
     """(GenerateConfig, controller) from the options of `add_generation_options`; bad values
     raise UsageError naming the flag, with the fix.
@@ -200,6 +189,7 @@ def decode_settings(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]
     `--steps` above `--gen-length` is refused for every controller but Dream's orders: they
     commit at least one token per step, so the decode would stop after gen-length steps (a
     silent cap); with Dream's orders the extra steps run (and may commit nothing)."""
+    from controllers import uses_time_grid
     from dllm_jax.config import GenerateConfig
 
     gen_length = _length(args.gen_length, "--gen-length", DEFAULT_GEN_LENGTH)
@@ -217,7 +207,7 @@ def decode_settings(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]
     except ValueError as e:
         raise UsageError(flag_message(str(e))) from None
     controller = controller_from_args(args, model_dir)
-    if steps > gen_length and not _uses_time_grid(controller):
+    if steps > gen_length and not uses_time_grid(controller):
         raise UsageError(
             f"--steps {steps} is more than --gen-length {gen_length}: controller "
             f"{args.controller} commits at least one token per step, so at most {gen_length} "

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controllers import uses_time_grid
 from dllm_jax.serve import responses as R
 from dllm_jax.serve.engine import Engine
 from dllm_jax.serve.lanes import Job, Listener, RowResult
@@ -51,14 +52,6 @@ def with_chat_template(sess: Any) -> Any:
         return sess
     tok = dataclasses.replace(tok, chat_template=TRIVIAL_CHAT_TEMPLATE, _compiled_template=None)
     return dataclasses.replace(sess, tokenizer=tok)
-
-
-def _uses_time_grid(controller: Any) -> bool:
-    """Dream's orders may commit nothing in a step, so steps > answer length can run (the
-    rule of `dllm-jax generate`'s --steps)."""
-    from controllers import DreamOrder
-
-    return isinstance(controller, DreamOrder)
 
 
 def _check_canvas_options(controller: Any, arch: str) -> None:
@@ -163,7 +156,7 @@ class Server:
         controller = self.engine.controller(settings.controller_key)
         _check_canvas_options(controller, cfg.arch)
         gen = settings.gen
-        if gen.steps > gen.gen_length and not _uses_time_grid(controller):
+        if gen.steps > gen.gen_length and not uses_time_grid(controller):
             raise bad_field("steps", f"steps ({gen.steps}) is more than the answer length "
                                      f"({gen.gen_length}): controller "
                                      f"{settings.controller_key[0]} commits at least one token "
