@@ -37,6 +37,7 @@ from dllm_jax import speculative as SP
 from dllm_jax import speculative_step as SPS
 from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
+from dllm_jax.prompt_checks import prompt_problem
 from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Drafts, Trajectory
 
 # Per-step trace buffers `[S, B, Lb]` (GenerateConfig.trace): the Features fields + commits.
@@ -94,25 +95,11 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
     prompt = np.asarray(prompt)
     if prompt.ndim == 1:
         prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt.shape[0] == 0:
-        raise GenerateError(
-            f"the prompt is empty (shape {prompt.shape}); pass at least one token per row.")
-    if not np.issubdtype(prompt.dtype, np.integer):
-        raise GenerateError(f"prompt ids must be integers, got dtype {prompt.dtype}.")
     valid = np.ones(prompt.shape, bool) if prompt_valid is None else np.asarray(prompt_valid, bool)
-    if valid.shape != prompt.shape:
-        raise GenerateError(
-            f"prompt_valid has shape {valid.shape} but the prompt has {prompt.shape}.")
-    if not valid.any(axis=1).all():
-        raise GenerateError("a prompt row has no tokens (all padding); give every row a prompt.")
-    if ((prompt < 0) | (prompt >= model_cfg.vocab_size))[valid].any():
-        raise GenerateError(f"prompt ids must lie in [0, {model_cfg.vocab_size}).")
+    problem = prompt_problem(prompt, valid, model_cfg, gen_cfg.gen_length)
+    if problem is not None:
+        raise GenerateError(problem)
     total = prompt.shape[1] + gen_cfg.gen_length
-    if total > model_cfg.max_position:
-        raise GenerateError(
-            f"prompt ({prompt.shape[1]}) + answer ({gen_cfg.gen_length}) = {total} tokens exceeds "
-            f"the model's maximum length {model_cfg.max_position}; shorten the prompt or "
-            f"--gen-length.")
     if not all(hasattr(controller, a)
                for a in ("init", "decide", "sampler", "trajectory_filter", "verify")):
         raise GenerateError(

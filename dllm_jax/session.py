@@ -89,16 +89,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
 
 def check_prompt_ids(ids: Sequence[int], cfg: ModelConfig, gen_length: int) -> None:
     """Raise SessionError unless `ids` is a non-empty prompt of in-vocabulary ids that leaves
-    room for `gen_length` answer tokens within the model's maximum length."""
-    if len(ids) == 0:
-        raise SessionError("the prompt is empty; give at least one token.")
-    bad = [int(t) for t in ids if not 0 <= int(t) < cfg.vocab_size]
-    if bad:
-        raise SessionError(f"prompt ids must lie in [0, {cfg.vocab_size}), got {bad[:5]}.")
-    if len(ids) + gen_length > cfg.max_position:
-        raise SessionError(f"prompt ({len(ids)}) + answer ({gen_length}) = "
-                           f"{len(ids) + gen_length} tokens exceeds the model's maximum length "
-                           f"{cfg.max_position}; shorten the prompt or --gen-length.")
+    room for `gen_length` answer tokens within the model's maximum length (the rules of
+    `dllm_jax.prompt_checks`, the same `decode.generate` applies to a batch)."""
+    from dllm_jax.prompt_checks import prompt_problem
+
+    row = np.asarray([[int(t) for t in ids]], np.int64).reshape(1, len(ids))
+    problem = prompt_problem(row, None, cfg, gen_length)
+    if problem is not None:
+        raise SessionError(problem)
 
 
 @dataclasses.dataclass(frozen=True)
