@@ -10,11 +10,12 @@ from __future__ import annotations
 
 # Each of these modules registers its controllers on import.
 from controllers import (baselines, ce, entropy_bound, r2,  # noqa: F401  (registration)
-                         r2_centred, left_to_right, simsd, tspd)
+                         r2_centred, left_to_right, simsd, tspd, ce_fitted)
 from controllers.base import Controller, at_least_one, top_k_commit
 from controllers.baselines import (DREAM_ALGS, DreamOrder, Factor, LowConfidence, Threshold,
                                   uses_time_grid)
 from controllers.ce import CE
+from controllers.ce_fitted import CE_FILE, CEFit, CEFitError, read_ce_fit
 from controllers.entropy_bound import EntropyBound
 from controllers.left_to_right import LeftToRight
 from controllers.r2 import R2
@@ -28,13 +29,13 @@ from dllm_jax.features import CEFilter
 
 #: Controllers that work without fitted parameters (`make_controller(name)` always succeeds).
 CONTROLLER_NAMES: tuple[str, ...] = controller_names(fitted=False)
-#: Controllers that need fitted parameters (`tspd.json` next to the model).
+#: Controllers that need fitted parameters (`tspd.json`, `ce.json` next to the model).
 FITTED_CONTROLLER_NAMES: tuple[str, ...] = controller_names(fitted=True)
 ALL_CONTROLLER_NAMES: tuple[str, ...] = CONTROLLER_NAMES + FITTED_CONTROLLER_NAMES
 
-__all__ = ["ALL_CONTROLLER_NAMES", "CE", "CEFilter", "CONTROLLER_NAMES", "Controller",
+__all__ = ["ALL_CONTROLLER_NAMES", "CE", "CEFilter", "CEFit", "CEFitError", "CE_FILE", "CONTROLLER_NAMES", "Controller",
            "ControllerOptions", "DREAM_ALGS", "DreamOrder", "EntropyBound", "FITTED_CONTROLLER_NAMES", "Factor",
            "LeftToRight", "LowConfidence", "OptionError", "R2", "R2Centred", "R2_AGGS", "SimSD", "TSPD", "TSPDError", "TSPDParams",
            "TSPD_FILE", "Threshold", "applicable_options", "at_least_one", "controller_names",
-           "get_spec", "load_tspd", "make_controller", "option", "read_tspd", "register",
+           "get_spec", "load_tspd", "make_controller", "option", "read_ce_fit", "read_tspd", "register",
            "require", "shared_options", "top_k_commit", "uses_time_grid"]

@@ -87,14 +87,18 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_train_controller(subparsers: argparse._SubParsersAction) -> None:
-    """`dllm-jax train-controller --model DIR`: fit the TSPD controller for a model."""
+    """`dllm-jax train-controller --model DIR [--fit tspd|ce]`: fit a controller for a model."""
     from dllm_jax.train.controller_fit_cli import add_arguments, run
 
     p = subparsers.add_parser(
-        "train-controller", help="fit the TSPD decoding controller on a model's trajectories",
+        "train-controller", help="fit the TSPD controller (or, --fit ce, the CE filter) on a "
+                                 "model's trajectories",
         description="Record decode trajectories of the model on training-split task instances, "
                     "label them against a one-token-per-step decode, fit the TSPD controller "
-                    "(optax) and write its parameters to MODEL/tspd.json (or --out FILE).")
+                    "(optax) and write its parameters to MODEL/tspd.json (or --out FILE). With "
+                    "--fit ce: fit the CE filter (q, r, slope_var0) to the reference decode's "
+                    "log-odds by predictive likelihood, choose the look-ahead (z, horizon) on "
+                    "held-out prompts and write MODEL/ce.json (`--controller ce_fitted`).")
     add_arguments(p)
     p.set_defaults(func=run)
 

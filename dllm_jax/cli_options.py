@@ -77,13 +77,18 @@ def _fmt_default(value: Any) -> str:
 
 def _flag_help(opt: Any) -> str:
     """The option's help line, the controllers that take it and their defaults."""
+    from controllers import get_spec
+
     defaults = {k: v for k, v in opt.defaults.items() if v is not None}
     text = f"{opt.help} [{', '.join(opt.controllers)}"
     distinct = set(map(repr, defaults.values()))
-    if len(distinct) == 1:
+    # a fitted controller's None default means "the fitted file's value"
+    fitted = [k for k, v in opt.defaults.items() if v is None and get_spec(k).fitted]
+    if len(distinct) == 1 and not fitted:
         text += f"; default {_fmt_default(next(iter(defaults.values())))}"
     elif distinct:
-        text += "; default " + ", ".join(f"{_fmt_default(v)} ({k})" for k, v in defaults.items())
+        text += "; default " + ", ".join([f"{_fmt_default(v)} ({k})" for k, v in defaults.items()]
+                                         + [f"the fitted one ({k})" for k in fitted])
     return (text + "]").replace("%", "%%")
 
 

@@ -20,6 +20,7 @@ from dllm_jax.pretrained import bundled_model_dir
 
 TODAY = ("low_confidence", "random", "threshold", "factor", "maskgit_plus", "topk_margin",
          "entropy", "origin", "ce", "entropy_bound", "r2", "r2_centred", "left_to_right", "simsd")
+FITTED = ("tspd", "ce_fitted")
 
 
 @pytest.fixture
@@ -36,10 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_names_come_from_the_registry() -> None:
     assert CONTROLLER_NAMES == TODAY
-    assert FITTED_CONTROLLER_NAMES == ("tspd",)
-    assert ALL_CONTROLLER_NAMES == TODAY + ("tspd",)
+    assert FITTED_CONTROLLER_NAMES == FITTED
+    assert ALL_CONTROLLER_NAMES == TODAY + FITTED
     assert registry.controller_names() == ALL_CONTROLLER_NAMES
-    assert all(registry.get_spec(n).fitted == (n == "tspd") for n in ALL_CONTROLLER_NAMES)
+    assert all(registry.get_spec(n).fitted == (n in FITTED) for n in ALL_CONTROLLER_NAMES)
 
 
 @pytest.mark.parametrize("name", ALL_CONTROLLER_NAMES)

@@ -18,7 +18,10 @@ factor      Fast-dLLM factor 0.5, 1, 2 (dynamic threshold 1 - f / (n + 1))
 dream       Dream's orders maskgit_plus, topk_margin, entropy at k = 2 tokens per step
 r2          R2 (the authors' rules, registry defaults: threshold 0.9), R2 at threshold 0.7,
             and our earlier centred-window design (`r2_centred`, defaults)
-ce          CE with the registry's default options (threshold 0.9 + look-ahead + hold)
+ce          CE with the registry's default options (threshold 0.9 + look-ahead + hold), and
+            at threshold 0.7 (`ce t=0.7`)
+ce fitted   CE with the filter and look-ahead fitted for the model (`ce.json`, controller
+            `ce_fitted`, made by `dllm-jax train-controller --fit ce`), threshold 0.9 / 0.7
 tspd        TSPD fitted without the CE features (`tspd_noce.json`), tau fitted / 0.5 / 0.7 / 0.9
 tspd+ce     TSPD fitted with the CE features (`tspd.json`), tau fitted / 0.5 / 0.7 / 0.9
 dual        the dual-cache variants of llada k=1, threshold 0.9, ce, tspd and tspd+ce
@@ -27,7 +30,7 @@ dual        the dual-cache variants of llada k=1, threshold 0.9, ce, tspd and ts
 
 Every setting of a run decodes with the run's block length (`bench.quality.choose_layout`),
 Dream's orders included, so that settings are compared on the same semi-autoregressive
-schedule. TSPD settings need their file in the model folder; without it they are skipped with a note
+schedule. TSPD and CE-fitted settings need their file in the model folder; without it they are skipped with a note
 (:meth:`Setting.unavailable`), never an error. A fixed schedule needs k to divide the block
 length (steps must split evenly over blocks); otherwise it is skipped the same way.
 """
@@ -58,7 +61,9 @@ class Setting:
       cache: "none" | "prefix" | "dual" for a setting with its own cache; None follows the
         run's `--cache` (default "none").
       fitted_file: (option, file): the controller reads `model_dir/file` as option `option`
-        (TSPD's `tspd`); the setting is unavailable when the file is missing.
+        (TSPD's `tspd`, ce_fitted's `ce_file`); the setting is unavailable when the file is
+        missing.
+      fit_command: the command that makes the fitted file (named in the unavailable note).
     """
 
     label: str
@@ -68,6 +73,7 @@ class Setting:
     steps_divisor: int = 1
     cache: str | None = None
     fitted_file: tuple[str, str] | None = None
+    fit_command: str = "dllm-jax train-controller"
 
     def __post_init__(self) -> None:
         if self.steps_divisor <= 0:
@@ -99,7 +105,7 @@ class Setting:
             path = os.path.join(os.fspath(model_dir or ""), self.fitted_file[1])
             if model_dir is None or not os.path.isfile(path):
                 return (f"{self.label}: the model folder has no {self.fitted_file[1]} (fit it with "
-                        f"`dllm-jax train-controller`).")
+                        f"`{self.fit_command}`).")
         k = self.steps_divisor
         if gen_length % k or block_length % k:
             return (f"{self.label}: {k} tokens per step does not divide the block length "
@@ -139,6 +145,12 @@ def _tspd(with_ce: bool, tau: float | None) -> Setting:
     return Setting(label, name, "tspd", opts, fitted_file=("tspd", file))
 
 
+def _ce_fitted(t: float) -> Setting:
+    return Setting(f"ce fitted t={t}", "ce fitted", "ce_fitted", (("threshold", t),),
+                   fitted_file=("ce_file", "ce.json"),
+                   fit_command="dllm-jax train-controller --fit ce")
+
+
 def _dual(s: Setting) -> Setting:
     return dataclasses.replace(s, label=f"{s.label} dual", family=f"{s.family} dual",
                                cache="dual")
@@ -149,7 +161,7 @@ def all_settings() -> list[Setting]:
     ce = Setting("ce", "ce", "ce")
     tspd_ce, tspd = _tspd(True, None), _tspd(False, None)
     k1, t09 = _llada(1), _threshold(0.9)
-    out = [k1, t09, tspd_ce, ce, tspd]
+    out = [k1, t09, tspd_ce, ce, tspd, _ce_fitted(0.9)]
     out += [_dual(s) for s in (t09, tspd_ce, ce, tspd, k1)]
     out += [_llada(k) for k in (2, 4, 8)]
     out += [_threshold(t) for t in (0.5, 0.7, 0.8, 0.95, 0.99)]
@@ -158,6 +170,7 @@ def all_settings() -> list[Setting]:
             for a in ("maskgit_plus", "topk_margin", "entropy")]
     out += [Setting("r2", "r2", "r2"), Setting("r2 t=0.7", "r2", "r2", (("threshold", 0.7),)),
             Setting("r2 centred", "r2", "r2_centred")]
+    out += [Setting("ce t=0.7", "ce", "ce", (("threshold", 0.7),)), _ce_fitted(0.7)]
     out += [_tspd(True, tau) for tau in (0.5, 0.7, 0.9)]
     out += [_tspd(False, tau) for tau in (0.5, 0.7, 0.9)]
     labels = [s.label for s in out]

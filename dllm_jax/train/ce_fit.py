@@ -261,12 +261,14 @@ def choose_z_h(params: Any, y: Any, valid: Any, restart: Any,
       Gaussian); gap = coverage - nominal (< 0: the bound is too optimistic).
       fire = fraction of scored points below the threshold now (y_t < logit(threshold)) whose
       bound clears it (what CE's look-ahead would add to the threshold rule);
-      precision = fraction of those with y_{t+h} >= logit(threshold) (nan without fires).
+      precision = fraction of those with y_{t+h} >= logit(threshold) (nan without fires);
+      cross = fraction of scored points below the threshold now whose y_{t+h} clears it (the
+      most a perfect forecast could fire; the same for every z of one h).
     Rule: z*(h) = the smallest z with coverage >= nominal; among horizons that have one, the
     recommended h is the one whose (z*(h), h) fires most (ties: the smaller h). When no pair is
     calibrated, the recommendation is (max z, min h) with calibrated = False.
     Returns (table: one dict per (z, h) with keys z, h, n, coverage, nominal, gap, fire,
-    precision; recommended: {"z", "h", "calibrated"}).
+    precision, cross; recommended: {"z", "h", "calibrated"}).
     """
     hs = _horizons(horizons)
     mean, sd, target, scored = (np.asarray(a, np.float64)
@@ -277,6 +279,7 @@ def choose_z_h(params: Any, y: Any, valid: Any, restart: Any,
     table, best = [], None
     for k, h in enumerate(hs):
         n = int(scored[k].sum())
+        cross = float((scored[k] & below[0] & (target[k] >= lt)).sum() / max(n, 1))
         for z in zs:
             lower = mean[k] - z * sd[k]
             cover = float((target[k] >= lower)[scored[k]].mean()) if n else float("nan")
@@ -285,7 +288,7 @@ def choose_z_h(params: Any, y: Any, valid: Any, restart: Any,
             nominal = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
             table.append({"z": float(z), "h": h, "n": n, "coverage": cover, "nominal": nominal,
                           "gap": cover - nominal, "fire": float(fired.sum() / max(n, 1)),
-                          "precision": prec})
+                          "precision": prec, "cross": cross})
         ok = [r for r in table if r["h"] == h and r["coverage"] >= r["nominal"]]
         cand = min(ok, key=lambda r: r["z"], default=None)
         if cand is not None and (best is None or cand["fire"] > best["fire"]):
