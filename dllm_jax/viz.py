@@ -24,7 +24,7 @@ from dllm_jax.config import ConfigError
 
 MASK = "_"
 EOS_MARK = "[<eos>]"
-INSTALL_HINT = ('matplotlib is needed for plots; install it with pip install -e ".[notebooks]" '
+INSTALL_HINT = ('matplotlib is needed for plots; install it with pip install -e ".[plot]" '
                 '(or pip install matplotlib).')
 
 

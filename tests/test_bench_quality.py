@@ -252,7 +252,8 @@ def test_plot_without_matplotlib_fails_first(tmp_path: Path, monkeypatch, capsys
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert main(["bench", "quality", "--plot", str(tmp_path / "q.png")]) == 2
-    assert "--plot needs matplotlib" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and 'pip install -e ".[plot]"' in err
 
 
 def test_tspd_skipped_with_a_note(v1_model, tmp_path: Path, capsys) -> None:

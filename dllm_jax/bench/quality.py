@@ -59,8 +59,8 @@ def check_outputs(json_path: str | None, out_path: str | None, plot_path: str | 
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"{flag} {path}: the folder {parent} is not writable.")
     if plot_path and importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib, which is not installed; `pip install "
-                          "matplotlib` or drop --plot.")
+        raise ConfigError("--plot needs matplotlib, which is not installed; `pip install -e "
+                          "\".[plot]\"` (or pip install matplotlib), or drop --plot.")
 
 
 def task_set_of(flag: str | None, train_config: Mapping[str, Any] | None) -> str:
