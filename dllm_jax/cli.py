@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
+from dllm_jax import compile_cache
 from dllm_jax.checkpoint import CheckpointError
 from dllm_jax.config import ConfigError
 from dllm_jax.mesh import ShardingError
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for p in sub.choices.values():
+        compile_cache.add_arguments(p)
     return parser
 
 
@@ -195,6 +198,8 @@ def run_command(func: RunFn, args: argparse.Namespace) -> int:
     except ValueError:  # not the main thread
         previous = None
     quiet_logs()
+    report = compile_cache.enable(getattr(args, "no_compile_cache", False),
+                                  getattr(args, "compile_cache_stats", False))
     try:
         return int(func(args) or 0)
     except USER_ERRORS as e:
@@ -210,6 +215,7 @@ def run_command(func: RunFn, args: argparse.Namespace) -> int:
         _silence_leftovers()
         return 130
     finally:
+        report()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -1,4 +1,5 @@
-"""Suite-wide hygiene: the compiled programs of one test module are dropped when it ends.
+"""Suite-wide hygiene: the compiled programs of one test module are dropped when it ends, and
+the CLIs' persistent compilation cache is off.
 
 The suite compiles many decode shapes (hundreds of programs); kept for the whole session
 they grow the process past what a 2-core CI machine gives comfortably, and XLA's CPU compiler
@@ -7,8 +8,14 @@ has crashed there late in the run. Each module still reuses its own compilations
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
+
+# The CLIs turn JAX's persistent compilation cache on (dllm_jax/compile_cache.py); the tests
+# that call them in-process or in subprocesses must not read or fill the user's cache folder
+# (tests/test_compile_cache.py turns it on explicitly, in a temporary folder).
+os.environ["DLLM_JAX_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="module")
