@@ -22,16 +22,14 @@ Peak memory: the params in the export dtype plus one tensor. DiffusionGemma is r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -39,8 +37,7 @@ import numpy as np
 from checkpoints_convert import hf
 from checkpoints_convert.keymap import TRANSFORMS, keymap_for
 from dllm_jax import progress
-from dllm_jax.checkpoint import (_OLD_TAG, _TMP_TAG, CheckpointError, clean_stale_temporaries,
-                                 load_config, load_model)
+from dllm_jax.checkpoint import CheckpointError, atomic_directory, load_config, load_model
 from dllm_jax.config import ConfigError, ModelConfig
 from dllm_jax.models import FAMILIES
 
@@ -259,34 +256,6 @@ def check_hf_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     return dst
 
 
-@contextlib.contextmanager
-def _atomic_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """An empty hidden folder next to `dst` (the naming `checkpoint.atomic_directory` uses, so
-    temporaries of killed exports are cleaned too), renamed to `dst` on success."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(dst)
-    stamp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp, old = (dst.parent / f".{dst.name}.{tag}-{stamp}" for tag in (_TMP_TAG, _OLD_TAG))
-    tmp.mkdir()
-    moved = False
-    try:
-        yield tmp
-        check_hf_destination(dst, overwrite)     # DST may have appeared meanwhile
-        if dst.exists():
-            os.replace(dst, old)
-            moved = True
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved and not dst.exists():
-            os.replace(old, dst)
-            moved = False
-        raise
-    finally:
-        if moved:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _read_original(model_dir: Path) -> dict[str, Any] | None:
     try:
         with open(model_dir / "config.json", encoding="utf-8") as f:
@@ -343,7 +312,7 @@ def export_hf(
     total = sum(int(np.prod(s, dtype=np.int64)) * itemsize for _, s in shapes)
     say(f"{cfg.arch}: {len(tensors)} tensors, {cfg.num_layers} layers -> {dtype} "
         f"({len(groups)} safetensors file{'s' if len(groups) > 1 else ''})")
-    with _atomic_folder(dst_path, overwrite) as tmp, progress.bar(
+    with atomic_directory(dst_path, overwrite, check=check_hf_destination) as tmp, progress.bar(
             total, "export", quiet=log is None, unit="B", unit_scale=True,
             unit_divisor=1024) as pbar:
         weight_map: dict[str, str] = {}

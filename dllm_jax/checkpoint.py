@@ -32,7 +32,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -147,13 +147,18 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False,
+                     check: Callable[[str | os.PathLike, bool], Path] | None = None
+                     ) -> Iterator[Path]:
     """Yield an empty temporary folder next to `dst`; on success it becomes `dst` by rename.
 
     On any exception (KeyboardInterrupt included) the temporary folder is removed and `dst` is
-    left as it was. With `overwrite`, an existing `dst` (see `check_destination`) is replaced.
+    left as it was. With `overwrite`, an existing `dst` is replaced if `check(dst, overwrite)`
+    allows it (default `check_destination`: a dllm-jax model folder); `check` runs before the
+    work and again just before the rename.
     """
-    dst = check_destination(dst, overwrite)
+    check = check_destination if check is None else check
+    dst = check(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(dst)
     stamp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -163,7 +168,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     moved_old = False
     try:
         yield tmp
-        check_destination(dst, overwrite)  # DST may have appeared while we worked
+        check(dst, overwrite)  # DST may have appeared while we worked
         if dst.exists():
             os.replace(dst, old)
             moved_old = True
