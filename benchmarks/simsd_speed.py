@@ -40,6 +40,7 @@ import numpy as np
 
 from controllers import make_controller
 from dllm_jax import decode as D
+from dllm_jax import decode_step as DS
 from dllm_jax import models as M
 from dllm_jax import speculative as SP
 from dllm_jax import speculative_step as SPS
@@ -109,7 +110,7 @@ def forward_section(cfg, params, b, p, g, lb, reps) -> list[dict]:
     block = tokens[:, p + lb:p + 2 * lb]
     drafts = Drafts(token=jnp.asarray(rng.integers(2, 100, size=(b, lb)), jnp.int32),
                     score=jnp.zeros((b, lb), jnp.float32))
-    seq = D._Sequence(tokens, pos, valid)
+    seq = DS.Sequence(tokens, pos, valid)
     spec = SP.Verify()
     recs = []
     for kind in ("none", "refresh", "dual", "prefix"):
@@ -122,9 +123,9 @@ def forward_section(cfg, params, b, p, g, lb, reps) -> list[dict]:
         @jax.jit
         def plain(c, gen=gen, kind=kind):
             if kind == "none" or kind == "refresh":
-                return D._block_logits(params, cfg, gen, seq, c, start, jnp.int32(0), None,
+                return DS.block_logits(params, cfg, gen, seq, c, start, jnp.int32(0), None,
                                        kind == "refresh")
-            return D._cached_logits(params, cfg, gen, seq, c, start, None)
+            return DS.cached_logits(params, cfg, gen, seq, c, start, None)
 
         @jax.jit
         def verify(c, gen=gen, vkind=vkind):

@@ -4,6 +4,9 @@
   a fixed number of commits per step.
 - Fast-dLLM (NVlabs/Fast-dLLM, llada/generate.py): confidence threshold and the "factor"
   (dynamic threshold) rule.
+- SDAR (JetAstra/SDAR, block_diffusion_generate): `low_confidence_dynamic` (its
+  `low_confidence_static` is `low_confidence` on its block layout, `sequential` with one
+  token per step is `left_to_right`).
 - Dream (DreamLM/Dream, generation_utils.py): maskgit_plus / topk_margin / entropy orders
   and the `origin` rule, on Dream's time grid.
 
@@ -78,6 +81,29 @@ class Threshold:
 
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         commit = feats.masked & (feats.confidence >= self.threshold)
+        return at_least_one(commit, feats.confidence, feats.masked), state
+
+
+@struct.dataclass
+class LowConfidenceDynamic:
+    """SDAR's `low_confidence_dynamic` (JetAstra/SDAR `block_diffusion_generate`): every
+    masked token with confidence > threshold when there are at least the step's quota of
+    them (LLaDA's transfer count of the block), else the quota's most confident. (SDAR's
+    generate.py defaults to threshold 0.85; the shared --threshold flag to 0.9.)"""
+
+    threshold: float = struct.field(pytree_node=False, default=0.9)
+    sampler: str = struct.field(pytree_node=False, default="llada")
+    trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
+
+    def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
+        k = llada_transfer_count(ctx.masked_at_block_start, ctx.block_step, ctx.steps_per_block)
+        high = feats.masked & (feats.confidence > self.threshold)
+        enough = jnp.sum(high, axis=-1) >= k
+        commit = jnp.where(enough[:, None], high, top_k_commit(feats.confidence, k, feats.masked))
         return at_least_one(commit, feats.confidence, feats.masked), state
 
 
@@ -222,6 +248,21 @@ class ThresholdOptions(ControllerOptions):
 
     def build(self, name: str) -> Threshold:
         return Threshold(threshold=self.threshold)
+
+
+@register("low_confidence_dynamic")
+@dataclasses.dataclass(frozen=True)
+class LowConfidenceDynamicOptions(ControllerOptions):
+    """SDAR: every masked token above the threshold if they fill the step's quota, else the
+    quota's most confident."""
+
+    threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
+
+    def validate(self) -> None:
+        require(0.0 < self.threshold <= 1.0, "threshold", "in (0, 1]", self.threshold, 0.9)
+
+    def build(self, name: str) -> LowConfidenceDynamic:
+        return LowConfidenceDynamic(threshold=self.threshold)
 
 
 @register("factor")

@@ -12,8 +12,8 @@ Fast-dLLM) and, when `refresh_every = r > 0`, at every r-th step inside a block.
 
 Stored keys are post-RoPE. The cache is read-only between refreshes: the recomputed region's
 keys/values are concatenated to the cached ones for attention and the stale cache entries of
-the region are masked out, so no step copies or rewrites the cache. For block-causal models
-(SDAR) whose blocks align with the decode blocks, the prefix cache is exact.
+the region are masked out, so no step copies or rewrites the cache. Block-causal models (SDAR)
+do not use these modes' refreshes: their cache is exact (`block_causal_cache`).
 
 For models whose logits are shifted (Dream), the region starts one position earlier so that
 the output that predicts the block's first token is recomputed too.

@@ -30,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dllm_jax import block_causal_cache as BCC
+from dllm_jax import decode_step as DS
 from dllm_jax import features as F
-from dllm_jax import models as M
+from dllm_jax import sequence_layout as L
 from dllm_jax import sharding as S
 from dllm_jax import speculative as SP
 from dllm_jax import speculative_step as SPS
-from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
+from dllm_jax.cache import KVCache
 from dllm_jax.config import ConfigError, GenerateConfig, ModelConfig
 from dllm_jax.prompt_checks import prompt_problem
 from dllm_jax.state import BlockContext, DecodeState, DecodeStats, Drafts, Trajectory
@@ -100,6 +102,19 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
     if problem is not None:
         raise GenerateError(problem)
     total = prompt.shape[1] + gen_cfg.gen_length
+    if model_cfg.block_causal:
+        need = L.max_position_needed(model_cfg, gen_cfg, prompt.shape[1])
+        if need > model_cfg.max_position:
+            raise GenerateError(
+                f"a block-causal model decodes whole blocks of {gen_cfg.block_length}: prompt "
+                f"({prompt.shape[1]}) + answer ({gen_cfg.gen_length}) rounded up to {need} "
+                f"positions exceeds the model's maximum length {model_cfg.max_position}; "
+                f"shorten the prompt or --gen-length.")
+        if gen_cfg.cache != "none" and gen_cfg.refresh_every > 0 and controller.verify is None:
+            raise GenerateError(
+                "a block-causal model's cache is exact (each finished block's keys/values are "
+                "stored once), so there is nothing to refresh: drop --refresh-every "
+                f"(got {gen_cfg.refresh_every}).")
     if not all(hasattr(controller, a)
                for a in ("init", "decide", "sampler", "trajectory_filter", "verify")):
         raise GenerateError(
@@ -173,101 +188,8 @@ def generate(
                          draft_cfg=draft_cfg)
 
 
-@struct.dataclass
-class _Sequence:
-    """The batch as the model sees it: `[B2, T]` tokens, positions, key mask, where B2 = 2B
-    under classifier-free guidance (conditional rows first, then the masked-prompt copies)."""
-
-    tokens: jax.Array
-    positions: jax.Array
-    valid: jax.Array
-
-
-def _model_batch(cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array, positions: jax.Array,
-                 valid: jax.Array, prompt_region: jax.Array) -> _Sequence:
-    if gen.cfg_scale > 0:
-        uncond = jnp.where(prompt_region, cfg.mask_token_id, tokens)
-        return _Sequence(jnp.concatenate([tokens, uncond]), jnp.concatenate([positions, positions]),
-                         jnp.concatenate([valid, valid]))
-    return _Sequence(tokens, positions, valid)
-
-
-def _cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
-                   cache: KVCache, start: jax.Array, mesh: Any) -> jax.Array:
-    """Logits of the block at `start` from a cached step: only the region is recomputed."""
-    shift = 1 if cfg.logits_shift else 0
-    r = region_length(gen.cache, gen.gen_length, gen.block_length, shift)
-    b2, t = seq.tokens.shape
-    extra = r - gen.block_length - shift          # the prefix region overhangs the end
-    if extra > 0:
-        tail_pos = seq.positions[:, -1:] + 1 + jnp.arange(extra, dtype=jnp.int32)[None, :]
-        tokens = jnp.concatenate([seq.tokens, jnp.full((b2, extra), cfg.pad_token_id,
-                                                       seq.tokens.dtype)], axis=1)
-        positions = jnp.concatenate([seq.positions, tail_pos], axis=1)
-        valid = jnp.concatenate([seq.valid, jnp.zeros((b2, extra), bool)], axis=1)
-    else:
-        tokens, positions, valid = seq.tokens, seq.positions, seq.valid
-    rs = start - shift
-    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, rs, r, axis=1)  # noqa: E731
-    usable = usable_cache_keys(gen.cache, seq.valid, rs, r)
-    qloc = jnp.broadcast_to(shift + jnp.arange(gen.block_length, dtype=jnp.int32),
-                            (b2, gen.block_length))
-    return M.apply_cached(params, cfg, cache, cut(tokens), cut(positions), cut(valid),
-                          seq.positions, usable, qloc, attn_impl=gen.attn_impl, mesh=mesh)
-
-
-def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
-                  cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any,
-                  refresh: bool = False) -> tuple[jax.Array, KVCache | None]:
-    """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`.
-
-    Without a cache: one full forward. With one: a refresh (full forward that also rebuilds
-    the cache) at block starts / every `refresh_every` steps (always, with `refresh`), else
-    a cached step.
-    """
-    b2 = seq.tokens.shape[0]
-    qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
-                            (b2, gen.block_length))
-    if cache is None:
-        logits = M.apply(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                         attn_impl=gen.attn_impl, mesh=mesh)
-    else:
-        def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
-            return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                                   attn_impl=gen.attn_impl, mesh=mesh)
-
-        def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
-            return _cached_logits(params, cfg, gen, seq, c, start, mesh), c
-
-        if refresh:
-            logits, cache = refresh_fn(cache)
-        else:
-            logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
-                                         refresh_fn, cached, cache)
-    # Guidance, and MASK never a candidate: a committed MASK would be decoded again forever.
-    return SP.finish_logits(cfg, gen, logits), cache
-
-
-def _next_block(answer: jax.Array, block: jax.Array, mask_id: int, gen: GenerateConfig
-                ) -> jax.Array:
-    """Index of the first block at or after `block` that still has a MASK in some row."""
-    per_block = (answer == mask_id).reshape(answer.shape[0], gen.num_blocks, gen.block_length)
-    open_ = per_block.any(axis=(0, 2)) & (jnp.arange(gen.num_blocks) >= block)
-    return jnp.where(open_.any(), jnp.argmax(open_), block).astype(jnp.int32)
-
-
-def _fill_after_eos(answer: jax.Array, fix_step: jax.Array, step: jax.Array, mask_id: int,
-                    eos_id: int) -> tuple[jax.Array, jax.Array]:
-    """Masked answer positions after a row's first committed EOS become EOS."""
-    g = answer.shape[1]
-    is_eos = answer == eos_id
-    first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), g)
-    fill = (answer == mask_id) & (jnp.arange(g)[None, :] > first[:, None])
-    return jnp.where(fill, eos_id, answer), jnp.where(fill, step, fix_step)
-
-
 def _speculative_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, spec: SP.Verify,
-                        seq: _Sequence, st: DecodeState, start: jax.Array,
+                        seq: DS.Sequence, st: DecodeState, start: jax.Array,
                         block_tokens: jax.Array, key: jax.Array, mesh: Any,
                         draft: tuple[Any, ModelConfig] | None) -> tuple[Any, ...]:
     """(logits, next-block logits, a, committed tokens, rank, draft forwards, cache) of a
@@ -276,7 +198,7 @@ def _speculative_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, spec
     b, lb = block_tokens.shape
 
     def plain(c: Any) -> tuple[Any, ...]:
-        logits, c = _block_logits(params, cfg, gen, seq, c, start, st.block_step, mesh, True)
+        logits, c = DS.block_logits(params, cfg, gen, seq, c, start, st.block_step, mesh, True)
         none, zero = jnp.full((b, lb), -1, jnp.int32), jnp.zeros((b,), jnp.int32)
         nxt = jnp.zeros_like(logits) if gen.num_blocks > 1 else None
         return logits, nxt, zero, none, none, zero, c
@@ -294,13 +216,19 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                   controller: Any, draft_params: Any = None, *, model_cfg: ModelConfig,
                   gen_cfg: GenerateConfig, mesh: Any = None,
                   draft_cfg: ModelConfig | None = None) -> GenerateOutput:
-    cfg, gen = model_cfg, gen_cfg
-    b, p = prompt.shape
-    g, lb, mask_id = gen.gen_length, gen.block_length, cfg.mask_token_id
-    tokens0 = jnp.concatenate([prompt, jnp.full((b, g), mask_id, jnp.int32)], axis=1)
-    valid = jnp.concatenate([prompt_valid, jnp.ones((b, g), bool)], axis=1)
-    prompt_region = jnp.concatenate([prompt_valid, jnp.zeros((b, g), bool)], axis=1)
-    positions = M.default_positions(valid)
+    cfg = model_cfg
+    if cfg.block_causal:        # the mask's blocks are the decode's, as in SDAR's generate
+        cfg = cfg.replace(block_size=gen_cfg.block_length)
+        if draft_cfg is not None and draft_cfg.block_causal:
+            draft_cfg = draft_cfg.replace(block_size=gen_cfg.block_length)
+    # The canvas the loop decodes (sequence_layout): the answer, or for block-causal models
+    # whole blocks aligned to absolute positions; `gen` is `gen_cfg` over that canvas.
+    layout = L.make_layout(cfg, gen_cfg, prompt, prompt_valid)
+    gen = L.canvas_config(cfg, gen_cfg)
+    b = prompt.shape[0]
+    p, g, lb, mask_id = layout.start, layout.length, gen.block_length, cfg.mask_token_id
+    tokens0, valid, positions = layout.tokens, layout.valid, layout.positions
+    prompt_region = layout.prompt_region
     # A controller that reads the CE filter state declares its (static) settings as
     # `trajectory_filter`; the others declare None and the filter fields stay untouched.
     ce_filter = controller.trajectory_filter
@@ -308,6 +236,18 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
     spec = controller.verify
     rule = None if spec is None else spec.rule(gen.temperature)
     draft = None if draft_cfg is None else (draft_params, draft_cfg)
+    # Block-causal models (no logit shift) keep an exact cache (block_causal_cache); the
+    # speculative loop keeps its refresh at block starts, which is exact there too.
+    exact = cfg.block_causal and not cfg.logits_shift and gen.cache != "none" and spec is None
+    b2 = 2 * b if gen.cfg_scale > 0 else b
+    if exact:
+        seq0 = DS.model_batch(cfg, gen, tokens0, positions, valid, prompt_region)
+        cache0 = BCC.prefill(params, cfg, gen, seq0.tokens, seq0.positions, seq0.valid, p, mesh)
+    elif gen.cache != "none":
+        cache0 = KVCache.zeros(cfg.num_layers, b2, p + g, cfg.num_kv_heads, cfg.head_dim,
+                               params["embed"].dtype)
+    else:
+        cache0 = None
     drafts0 = None
     if spec is not None and draft is None:
         drafts0 = Drafts(token=jnp.full((b, lb), -1, jnp.int32),
@@ -334,9 +274,7 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                           draft_nfe=jnp.zeros((b,), jnp.int32)),
         controller_state=controller.init(b, lb),
         key=key,
-        cache=None if gen.cache == "none" else KVCache.zeros(
-            cfg.num_layers, 2 * b if gen.cfg_scale > 0 else b, p + g, cfg.num_kv_heads,
-            cfg.head_dim, params["embed"].dtype),
+        cache=cache0,
         drafts=drafts0,
     )
     state = S.constrain_state(state, mesh)  # no-op without a mesh
@@ -350,10 +288,15 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         a0 = st.block * lb                      # answer index of the block start
         block_tokens = jax.lax.dynamic_slice_in_dim(st.tokens, p + a0, lb, axis=1)
         active = jnp.any(block_tokens == mask_id, axis=1)
-        seq = _model_batch(cfg, gen, st.tokens, positions, valid, prompt_region)
+        seq = DS.model_batch(cfg, gen, st.tokens, positions, valid, prompt_region)
         n_draft = jnp.zeros((b,), jnp.int32)
-        if spec is None:
-            logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0,
+        if exact:
+            logits, cache = BCC.block_logits(params, cfg, gen, seq.tokens, seq.positions,
+                                             seq.valid, st.cache, p + a0, st.block,
+                                             st.block_step, mesh)
+            logits = SP.finish_logits(cfg, gen, logits)
+        elif spec is None:
+            logits, cache = DS.block_logits(params, cfg, gen, seq, st.cache, p + a0,
                                           st.block_step, mesh)
         else:
             logits, next_logits, n_acc, spec_tok, rank, n_draft, cache = _speculative_logits(
@@ -384,7 +327,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             st.stats.fix_step, jnp.where(commit, step, fix_win), a0, axis=1)
         answer = tokens[:, p:]
         if gen.stop_at_eos:
-            answer, fix_step = _fill_after_eos(answer, fix_step, step, mask_id, cfg.eos_token_id)
+            answer, fix_step = DS.fill_after_eos(answer, fix_step, step, mask_id, cfg.eos_token_id,
+                                               layout.answer_offset)
             tokens = tokens.at[:, p:].set(answer)
 
         if spec is not None and draft is None:      # the drafts the next step verifies
@@ -397,10 +341,13 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
                 drafts = SPS.where_rows(done, SPS.next_drafts(nf, next_logits, rule,
                                                             gen.temperature), drafts)
             drafts = SPS.where_rows(active, drafts, st.drafts)
-        nxt = _next_block(answer, st.block, mask_id, gen)
+        nxt = DS.next_block(answer, st.block, mask_id, gen)
         moved = nxt != st.block
         nxt_tokens = jax.lax.dynamic_slice_in_dim(answer, nxt * lb, lb, axis=1)
-        masked_start = jnp.where(moved, jnp.sum(nxt_tokens == mask_id, axis=1, dtype=jnp.int32),
+        # block-causal: every block's schedule is a full block's (SDAR), the partial first
+        # one included; a step whose quota exceeds the masks left commits them all
+        masked_start = jnp.where(moved, lb if cfg.block_causal else
+                                 jnp.sum(nxt_tokens == mask_id, axis=1, dtype=jnp.int32),
                                  st.masked_at_block_start)
         tr = st.stats.trace
         if tr is not None:
@@ -424,7 +371,11 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
         ), mesh)
 
     final = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(tokens=final.tokens[:, p:], stats=final.stats)
+    canvas, stats = final.tokens[:, p:], final.stats
+    if cfg.block_causal:        # each row's answer from its canvas
+        canvas = L.answer_of(canvas, layout, gen_cfg.gen_length)
+        stats = stats.replace(fix_step=L.answer_of(stats.fix_step, layout, gen_cfg.gen_length))
+    return GenerateOutput(tokens=canvas, stats=stats)
 
 
 __all__ = ["GenerateError", "GenerateOutput", "generate", "ConfigError"]

@@ -18,8 +18,9 @@ from dllm_jax.cli import main
 from dllm_jax.cli_options import UsageError, add_generation_options, decode_settings
 from dllm_jax.pretrained import bundled_model_dir
 
-TODAY = ("low_confidence", "random", "threshold", "factor", "maskgit_plus", "topk_margin",
-         "entropy", "origin", "ce", "entropy_bound", "r2", "r2_centred", "left_to_right", "simsd")
+TODAY = ("low_confidence", "random", "threshold", "low_confidence_dynamic", "factor",
+         "maskgit_plus", "topk_margin", "entropy", "origin", "ce", "entropy_bound", "r2",
+         "r2_centred", "left_to_right", "simsd")
 FITTED = ("tspd", "ce_fitted")
 
 

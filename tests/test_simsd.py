@@ -17,7 +17,9 @@ from scipy import stats
 from controllers import make_controller
 from dllm_jax import speculative as SP
 from dllm_jax.config import GenerateConfig, ModelConfig
-from dllm_jax.decode import GenerateError, _cached_logits, _Sequence, generate
+from dllm_jax.decode import GenerateError, generate
+from dllm_jax.decode_step import Sequence, cached_logits
+from dllm_jax.sequence_layout import canvas_length
 from dllm_jax.models import apply, apply_refresh, default_positions, init_params
 from dllm_jax.models.transformer import apply_with_references
 from tests.controller_props import check_decode_properties
@@ -34,7 +36,7 @@ GEN = GenerateConfig(gen_length=8, block_length=4, steps=8)
 LTR, SIMSD = make_controller("left_to_right"), make_controller("simsd")
 # the references, jitted (one compile per shapes, reused by every group)
 APPLY = jax.jit(apply, static_argnums=(1,))
-CACHED = jax.jit(_cached_logits, static_argnums=(1, 2, 6))
+CACHED = jax.jit(cached_logits, static_argnums=(1, 2, 6))
 
 
 def _decode(arch, ctrl, gen=GEN, batch=3, **kw):
@@ -138,7 +140,7 @@ def test_each_group_is_the_baseline_step(arch: str, mode: str, kind: str) -> Non
             want = APPLY(params, cfg, seq_g, pos, valid, qidx(start))
             want_next = APPLY(params, cfg, seq_g, pos, valid, qidx(start + lb))
         else:
-            want = CACHED(params, cfg, gen, _Sequence(seq_g, pos, valid), cache,
+            want = CACHED(params, cfg, gen, Sequence(seq_g, pos, valid), cache,
                           jnp.int32(start), None)
         for got_g, w in ((got[:, g], want), (got_next[:, g], want_next)):
             if w is None:
@@ -298,7 +300,9 @@ def test_lossless_against_left_to_right(arch: str, batch: int) -> None:
     np.testing.assert_array_equal(got, want)
     assert (nfe <= nfe_ltr).all()
     assert not (got == CFGS[arch].mask_token_id).any()
-    assert int(out.stats.steps) <= GEN.gen_length
+    # one token per step at least: at most the canvas (SDAR's also decodes the tail of the
+    # last block past the answer, sequence_layout)
+    assert int(out.stats.steps) <= canvas_length(CFGS[arch], GEN)
     if batch == 3:
         assert (nfe < nfe_ltr).any(), "no draft was ever accepted"
 

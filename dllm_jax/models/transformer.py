@@ -159,7 +159,8 @@ def apply_refresh(params: Params, cfg: ModelConfig, tokens: jax.Array, positions
 def apply_cached(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
                  positions: jax.Array, valid: jax.Array, cache_positions: jax.Array,
                  cache_usable: jax.Array, query_idx: jax.Array, *,
-                 attn_impl: AttentionImpl = "auto", mesh: Any = None) -> jax.Array:
+                 attn_impl: AttentionImpl = "auto", mesh: Any = None,
+                 collect_kv: bool = False) -> Any:
     """Logits for a region of R tokens whose context outside the region comes from a cache.
 
     Args:
@@ -169,8 +170,10 @@ def apply_cached(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.A
       cache_usable: `[B, T]` bool, cached entries the region may attend to (the region's own
         stale entries must be excluded).
       query_idx: `[B, Q]` indices INTO THE REGION whose logits are wanted.
+      collect_kv: also return the region's own (post-RoPE) keys/values as a KVCache
+        `[L, B, R, Hkv, hd]` (what a block-causal cache writes once a block is final).
     Returns:
-      float32 logits `[B, Q, V]`.
+      float32 logits `[B, Q, V]` (with collect_kv: and the region's KVCache).
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(positions, jnp.concatenate([cache_positions, positions], axis=1),
@@ -181,8 +184,10 @@ def apply_cached(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.A
         return dot_product_attention(q, jnp.concatenate([ck, k], axis=1),
                                      jnp.concatenate([cv, v], axis=1), mask, attn_impl, mesh)
 
-    x, _ = run_layers(cfg, params, embed(params, tokens), cos, sin, attend, cache=cache)
-    return query_logits(cfg, params, x, query_idx)
+    x, kv = run_layers(cfg, params, embed(params, tokens), cos, sin, attend, cache=cache,
+                       collect_kv=collect_kv)
+    logits = query_logits(cfg, params, x, query_idx)
+    return (logits, KVCache(k=kv[0], v=kv[1])) if collect_kv else logits
 
 
 def apply_with_references(params: Params, cfg: ModelConfig, tokens: jax.Array,

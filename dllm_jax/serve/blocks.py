@@ -43,7 +43,7 @@ from dllm_jax import models as M
 from dllm_jax import speculative as SP
 from dllm_jax.cache import KVCache, needs_refresh, region_length, usable_cache_keys
 from dllm_jax.config import GenerateConfig, ModelConfig
-from dllm_jax.decode import _fill_after_eos, _model_batch, _Sequence
+from dllm_jax.decode_step import Sequence, fill_after_eos, model_batch
 from dllm_jax.state import BlockContext, Trajectory
 
 
@@ -181,10 +181,10 @@ def _twice(x: jax.Array, gen: GenerateConfig) -> jax.Array:
     return jnp.concatenate([x, x]) if gen.cfg_scale > 0 else x
 
 
-def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: _Sequence,
+def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequence,
                   cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any
                   ) -> tuple[jax.Array, KVCache | None]:
-    """`decode._block_logits` with a block start per row (`start`: int32 `[B]` sequence
+    """`decode_step.block_logits` with a block start per row (`start`: int32 `[B]` sequence
     indices): float32 logits `[B, Lb, V]` and the (refreshed) cache."""
     lb = gen.block_length
     start = _twice(start, gen)
@@ -263,7 +263,7 @@ def run_block(params: Any, slots: Slots, controller: Any, *, cfg: ModelConfig,
         key, k_obs, k_ctl, _, _ = jax.random.split(st.key, 5)   # as decode.generate's
         block_tokens = block_of(st.tokens)
         active = active_rows(st.tokens, st.steps)
-        seq = _model_batch(cfg, gen, st.tokens, st.positions, st.valid, st.prompt_region)
+        seq = model_batch(cfg, gen, st.tokens, st.positions, st.valid, st.prompt_region)
         logits, cache = _block_logits(params, cfg, gen, seq, st.cache, p + a0, block_step,
                                       mesh)
         feats = F.observe(logits, block_tokens, mask_id, k_obs, gen.temperature,
@@ -280,7 +280,7 @@ def run_block(params: Any, slots: Slots, controller: Any, *, cfg: ModelConfig,
         fix_step = jnp.where(wrote, row_step, st.fix_step)
         confidence = jnp.where(wrote, spread(feats.confidence), st.confidence)
         if gen.stop_at_eos:
-            answer, fix_step = _fill_after_eos(answer, fix_step, row_step, mask_id,
+            answer, fix_step = fill_after_eos(answer, fix_step, row_step, mask_id,
                                                cfg.eos_token_id)
         tokens = jnp.concatenate([st.tokens[:, :p], answer], axis=1)
         st = st.replace(tokens=tokens, nfe=st.nfe + active, steps=st.steps + active,

@@ -154,9 +154,11 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
     def _continuous(self, job: Job) -> bool:
         """Block by block (a Lane), or one whole `generate` call (speculative controllers,
-        a mesh, DiffusionGemma's canvas decode)."""
-        return (self.session.mesh is None and self.session.cfg.arch != "diffusion_gemma"
-                and BL.supports(job.controller, job.settings.gen.block_length))
+        a mesh, DiffusionGemma's canvas decode, block-causal models: their blocks align to
+        each row's absolute positions, `sequence_layout`, which a lane's slots do not)."""
+        cfg = self.session.cfg
+        return (self.session.mesh is None and cfg.arch != "diffusion_gemma"
+                and not cfg.block_causal and BL.supports(job.controller, job.settings.gen.block_length))
 
     def _start(self, job: Job) -> bool:
         """Mark a queued job running (False: it was cancelled meanwhile)."""
