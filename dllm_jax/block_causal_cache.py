@@ -42,14 +42,20 @@ def prefill(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Arra
     tokens, positions, valid: `[B2, T]` the decode's sequence; start: static canvas start.
     """
     b2, t = tokens.shape
+    cache = KVCache.zeros(cfg.num_layers, b2, t, cfg.num_kv_heads, cfg.head_dim,
+                          params["embed"].dtype)
     if start == 0:
-        return KVCache.zeros(cfg.num_layers, b2, t, cfg.num_kv_heads, cfg.head_dim,
-                             params["embed"].dtype)
+        return cache
     head = jnp.zeros((b2, 1), jnp.int32)
+    per_layer = isinstance(params["layers"], (list, tuple))
     _, kv = M.apply_refresh(params, cfg, tokens[:, :start], positions[:, :start],
-                            valid[:, :start], head, attn_impl=gen.attn_impl, mesh=mesh)
-    pad = [(0, 0), (0, 0), (0, t - start), (0, 0), (0, 0)]
-    return KVCache(k=jnp.pad(kv.k, pad), v=jnp.pad(kv.v, pad))
+                            valid[:, :start], head, attn_impl=gen.attn_impl, mesh=mesh,
+                            into=cache if per_layer else None)
+    if per_layer:                   # written into the full-length cache
+        return kv
+    write = lambda a, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        a, new.astype(a.dtype), 0, axis=2)
+    return KVCache(k=write(cache.k, kv.k), v=write(cache.v, kv.v))
 
 
 def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax.Array,
@@ -69,18 +75,23 @@ def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax
                               positions, valid & (idx < rs), qloc, attn_impl=gen.attn_impl,
                               mesh=mesh, collect_kv=True)
 
-    def block_only(c: KVCache) -> tuple[jax.Array, KVCache]:
+    rs = jnp.maximum(start - lb, 0)             # where the previous block's entries go
+    old = lambda a: jax.lax.dynamic_slice_in_dim(a, rs, lb, axis=2)  # noqa: E731
+
+    # Neither branch returns the cache (a branch passing it through makes XLA copy it): both
+    # return the previous block's entries, recomputed or as they are, written back after.
+    def block_only(c: KVCache) -> tuple[jax.Array, Any]:
         logits, _ = forward(c, start, lb)
-        return logits, c
+        return logits, (old(c.k), old(c.v))
 
-    def with_previous(c: KVCache) -> tuple[jax.Array, KVCache]:
-        rs = start - lb
-        logits, kv = forward(c, rs, 2 * lb)
-        write = lambda a, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            a, new[:, :, :lb].astype(a.dtype), rs, axis=2)
-        return logits, KVCache(k=write(c.k, kv.k), v=write(c.v, kv.v))
+    def with_previous(c: KVCache) -> tuple[jax.Array, Any]:
+        logits, kv = forward(c, start - lb, 2 * lb)
+        return logits, (kv.k[:, :, :lb].astype(c.k.dtype), kv.v[:, :, :lb].astype(c.v.dtype))
 
-    return jax.lax.cond((block_step == 0) & (block > 0), with_previous, block_only, cache)
+    logits, (k_prev, v_prev) = jax.lax.cond((block_step == 0) & (block > 0), with_previous,
+                                            block_only, cache)
+    write = lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, rs, axis=2)  # noqa: E731
+    return logits, KVCache(k=write(cache.k, k_prev), v=write(cache.v, v_prev))
 
 
 __all__ = ["block_logits", "prefill"]

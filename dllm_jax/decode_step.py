@@ -84,7 +84,7 @@ def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequen
     else:
         def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
             return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                                   attn_impl=gen.attn_impl, mesh=mesh)
+                                   attn_impl=gen.attn_impl, mesh=mesh, into=c)
 
         def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
             return cached_logits(params, cfg, gen, seq, c, start, mesh), c

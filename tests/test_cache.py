@@ -104,3 +104,25 @@ def test_per_block_refresh_agreement(mode: str) -> None:
     agreement = float((got == want).mean())
     print(f"{mode} cache, refresh per block: token agreement {agreement:.3f}")
     assert agreement >= AGREEMENT_BOUND[mode]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_refresh_into_the_carried_cache_equals_a_new_one(fuse: bool) -> None:
+    """The per-layer refresh writes into the cache it is given (one cache alive in the loop,
+    benchmarks/decode_memory.py) and gives exactly what building a new cache gives."""
+    from dllm_jax.cache import KVCache
+    from dllm_jax.models import unstack_layers
+    cfg = CFGS["llada"]
+    params = unstack_layers(PARAMS["llada"], fuse=fuse)
+    tokens = jnp.asarray(np.concatenate([PROMPT, np.full((2, 8), 63, np.int32)], 1))
+    valid = jnp.asarray(np.concatenate([VALID, np.ones((2, 8), bool)], 1))
+    pos, qidx = default_positions(valid), jnp.broadcast_to(8 + jnp.arange(4), (2, 4))
+    stale = KVCache(k=jnp.full((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), 7.0),
+                    v=jnp.full((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), -7.0))
+    want_logits, want = jax.jit(lambda: apply_refresh(params, cfg, tokens, pos, valid, qidx))()
+    got_logits, got = jax.jit(lambda c: apply_refresh(params, cfg, tokens, pos, valid, qidx,
+                                                      into=c), donate_argnums=0)(stale)
+    # float32; the two programs may fuse differently, so equal up to summation order
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.k), np.asarray(want.k), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.v), np.asarray(want.v), atol=1e-6)

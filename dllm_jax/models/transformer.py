@@ -55,8 +55,8 @@ def query_logits(cfg: ModelConfig, params: Params, x: jax.Array, query_idx: jax.
 
 
 def run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               attend: Attend, cache: KVCache | None = None, collect_kv: bool = False
-               ) -> tuple[jax.Array, Any]:
+               attend: Attend, cache: KVCache | None = None, collect_kv: bool = False,
+               into: KVCache | None = None) -> tuple[jax.Array, Any]:
     """The layers over `x [B, T, D]`.
 
     Stacked layers (a dict of `[L, ...]` arrays) run under `lax.scan`; per-layer layers (a
@@ -64,7 +64,9 @@ def run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, s
     layer's weights are sliced (and on GPU copied) out of a stacked buffer at every call.
 
     Returns the final hidden states and, with collect_kv, the per-layer (post-RoPE) keys and
-    values `[L, B, T, Hkv, hd]`.
+    values `[L, B, T, Hkv, hd]`: stacked into new arrays, or with `into` (a KVCache
+    `[L, B, >= T, Hkv, hd]`) written layer by layer into its first T entries, so that a cache
+    carried by the decode loop is updated in place instead of a second one built beside it.
     """
     def layer(x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
         lp, ck, cv = xs
@@ -73,6 +75,13 @@ def run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, s
         return x, ((k, v) if collect_kv else None)
 
     layers = params["layers"]
+    if isinstance(layers, (list, tuple)) and into is not None:
+        k_all, v_all = into.k, into.v
+        for i, lp in enumerate(layers):
+            x, (k, v) = layer(x, (lp, None, None))
+            k_all = k_all.at[i, :, :k.shape[1]].set(k.astype(k_all.dtype))
+            v_all = v_all.at[i, :, :v.shape[1]].set(v.astype(v_all.dtype))
+        return x, (k_all, v_all)
     if isinstance(layers, (list, tuple)):
         kvs = []
         for i, lp in enumerate(layers):
@@ -93,7 +102,8 @@ def _mask_block(cfg: ModelConfig) -> int:
 
 def _full_forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                   key_valid: jax.Array | None, attn_impl: AttentionImpl, mesh: Any,
-                  collect_kv: bool = False) -> tuple[jax.Array, Any]:
+                  collect_kv: bool = False, into: KVCache | None = None
+                  ) -> tuple[jax.Array, Any]:
     """All layers over the whole sequence `[B, T]` -> final hidden states `[B, T, D]` (+ k/v)."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(positions, positions, key_valid, _mask_block(cfg))
@@ -102,7 +112,7 @@ def _full_forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions
         return dot_product_attention(q, k, v, mask, attn_impl, mesh)
 
     return run_layers(cfg, params, embed(params, tokens), cos, sin, attend,
-                      collect_kv=collect_kv)
+                      collect_kv=collect_kv, into=into)
 
 
 def apply(
@@ -145,14 +155,17 @@ def apply(
 
 def apply_refresh(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                   key_valid: jax.Array, query_idx: jax.Array, *,
-                  attn_impl: AttentionImpl = "auto", mesh: Any = None
-                  ) -> tuple[jax.Array, KVCache]:
+                  attn_impl: AttentionImpl = "auto", mesh: Any = None,
+                  into: KVCache | None = None) -> tuple[jax.Array, KVCache]:
     """A full forward that also returns every layer's keys/values as a KVCache.
 
     Shapes as in `apply`; the cache holds `[L, B, T, Hkv, hd]` post-RoPE keys and values.
+    into: a KVCache `[L, B, >= T, Hkv, hd]` whose first T entries to overwrite (the decode
+      loop's carried cache: written in place, one cache alive instead of two) instead of
+      building a new one; per-layer params only (the stacked layout's scan builds its own).
     """
     x, (ks, vs) = _full_forward(params, cfg, tokens, positions, key_valid, attn_impl, mesh,
-                                collect_kv=True)
+                                collect_kv=True, into=into)
     return query_logits(cfg, params, x, query_idx), KVCache(k=ks, v=vs)
 
 

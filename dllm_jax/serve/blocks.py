@@ -196,7 +196,7 @@ def _block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Seque
 
     def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
         return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
-                               attn_impl=gen.attn_impl, mesh=mesh)
+                               attn_impl=gen.attn_impl, mesh=mesh, into=c)
 
     def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
         shift = 1 if cfg.logits_shift else 0
