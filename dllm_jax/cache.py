@@ -58,9 +58,15 @@ def region_length(mode: str, gen_length: int, block_length: int, shift: int) -> 
     raise ValueError(f"cache mode {mode!r} recomputes everything; use 'prefix' or 'dual'.")
 
 
-def needs_refresh(block_step: jax.Array, refresh_every: int) -> jax.Array:
-    """True at a block's first step and, if refresh_every > 0, at every refresh_every-th step."""
+def needs_refresh(block_step: jax.Array, refresh_every: int, block: Any = 0,
+                  refresh_blocks: int = 1, first: Any = False) -> jax.Array:
+    """True at a block's first step and, if refresh_every > 0, at every refresh_every-th step.
+
+    With refresh_blocks k > 1 a block start refreshes only in every k-th block (`block`, the
+    block index) or at the decode's `first` step (the cache is empty before it)."""
     refresh = block_step == 0
+    if refresh_blocks > 1:
+        refresh = refresh & ((block % refresh_blocks == 0) | first)
     if refresh_every > 0:
         refresh = refresh | (block_step % refresh_every == 0)
     return refresh

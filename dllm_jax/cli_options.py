@@ -28,7 +28,8 @@ MAX_SEED = 2**63 - 1
 GENERATE_FLAGS: dict[str, str] = {
     "gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps",
     "temperature": "--temperature", "cfg_scale": "--cfg", "cache": "--cache",
-    "refresh_every": "--refresh-every"}
+    "refresh_every": "--refresh-every", "refresh_scope": "--refresh-scope",
+    "refresh_blocks": "--refresh-blocks"}
 
 
 class UsageError(ConfigError):
@@ -139,6 +140,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh-every", type=int, default=0, metavar="N",
                    help="with --cache: also refresh the cache every N steps inside a block "
                         "(default 0: only at block starts)")
+    p.add_argument("--refresh-scope", default="full", choices=("full", "answer"),
+                   help="with --cache, bidirectional models: what a block-start refresh "
+                        "recomputes: full (prompt + answer, Fast-dLLM; default) or answer "
+                        "(the prompt's keys/values kept from the first forward)")
+    p.add_argument("--refresh-blocks", type=int, default=1, metavar="K",
+                   help="with --cache, bidirectional models: refresh at the start of every "
+                        "K-th block only (default 1: every block)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="random seed of sampling and random orders (default 0)")
     add_controller_options(p)
@@ -203,12 +211,14 @@ def decode_settings(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]
     check_number(args.temperature, "--temperature", minimum=0, example=0.7)
     check_number(args.cfg, "--cfg", minimum=0, example=1.5)
     check_number(args.refresh_every, "--refresh-every", minimum=0, example=4)
+    check_number(args.refresh_blocks, "--refresh-blocks", minimum=1, example=2)
     check_number(args.seed, "--seed", minimum=0, maximum=MAX_SEED, example=0)
     try:
         gen = GenerateConfig(
             gen_length=gen_length, block_length=block_length, steps=steps,
             temperature=args.temperature, cfg_scale=args.cfg, cache=args.cache,
-            refresh_every=args.refresh_every)
+            refresh_every=args.refresh_every, refresh_scope=args.refresh_scope,
+            refresh_blocks=args.refresh_blocks)
     except ValueError as e:
         raise UsageError(flag_message(str(e))) from None
     controller = controller_from_args(args, model_dir)
@@ -237,6 +247,8 @@ def decode_fingerprint(args: argparse.Namespace, gen: Any) -> dict[str, Any]:
         "--temperature": float(gen.temperature), "--cfg": float(gen.cfg_scale),
         "--cache": gen.cache, "--refresh-every": gen.refresh_every, "--seed": int(args.seed),
         "--controller": spec.name}
+    if gen.refresh_scope != "full" or gen.refresh_blocks != 1:  # (older records lack them)
+        out.update({"--refresh-scope": gen.refresh_scope, "--refresh-blocks": gen.refresh_blocks})
     for name in spec.cli_option_names:
         value = options[name]
         out["--" + name.replace("_", "-")] = value if isinstance(

@@ -364,6 +364,12 @@ class GenerateConfig:
     cache: "none" | "prefix" | "dual" block-wise KV cache (see `cache.py`).
     refresh_every: with a cache, also refresh every this many steps inside a block (0: only
       at block starts; 1: every step, which equals the uncached decode).
+    refresh_scope: what a block-start refresh recomputes (bidirectional models with a cache):
+      "full" (Fast-dLLM: one forward over prompt + answer, the default) or "answer" (after
+      the decode's first refresh the prompt's keys/values are kept and only the answer is
+      recomputed, attending to them: G instead of P + G query positions).
+    refresh_blocks: refresh at the start of every this many-th block only (1: every block,
+      Fast-dLLM; k > 1: the other blocks start with a cached step on the stale entries).
     """
 
     gen_length: int = 64
@@ -379,6 +385,8 @@ class GenerateConfig:
     attn_impl: str = "auto"
     cache: str = "none"
     refresh_every: int = 0
+    refresh_scope: str = "full"
+    refresh_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0:
@@ -401,6 +409,18 @@ class GenerateConfig:
             raise ConfigError(f"cache must be 'none', 'prefix' or 'dual', got {self.cache!r}.")
         if self.refresh_every < 0:
             raise ConfigError(f"refresh_every must be >= 0, got {self.refresh_every}.")
+        if self.refresh_scope not in ("full", "answer"):
+            raise ConfigError(f"refresh_scope must be 'full' or 'answer', got "
+                              f"{self.refresh_scope!r}.")
+        if self.refresh_blocks < 1:
+            raise ConfigError(f"refresh_blocks must be >= 1 (1: every block), got "
+                              f"{self.refresh_blocks}.")
+        if (self.refresh_scope != "full" or self.refresh_blocks != 1) and self.cache == "none":
+            raise ConfigError("refresh_scope and refresh_blocks set how a KV cache is "
+                              "refreshed; they need cache 'prefix' or 'dual'.")
+        if self.refresh_blocks > 1 and self.refresh_every > 0:
+            raise ConfigError("refresh_blocks > 1 skips block-start refreshes and "
+                              "refresh_every > 0 adds refreshes inside blocks: use one of them.")
         if self.attn_impl not in ("auto", "xla", "cudnn"):
             raise ConfigError(f"attn_impl must be 'auto', 'xla' or 'cudnn', got {self.attn_impl!r}.")
 

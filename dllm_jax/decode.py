@@ -115,6 +115,14 @@ def _validate(model_cfg: ModelConfig, prompt: Any, prompt_valid: Any,
                 "a block-causal model's cache is exact (each finished block's keys/values are "
                 "stored once), so there is nothing to refresh: drop --refresh-every "
                 f"(got {gen_cfg.refresh_every}).")
+    cheaper = gen_cfg.refresh_scope != "full" or gen_cfg.refresh_blocks != 1
+    if cheaper and (model_cfg.block_causal or getattr(controller, "verify", None) is not None):
+        raise GenerateError(
+            "--refresh-scope / --refresh-blocks change Fast-dLLM's approximate cache of "
+            "bidirectional models; " + ("a block-causal model's cache is exact" if
+                                        model_cfg.block_causal else
+                                        "the speculative loop refreshes at every block start")
+            + ": leave them at their defaults (full, 1).")
     if not all(hasattr(controller, a)
                for a in ("init", "decide", "sampler", "trajectory_filter", "verify")):
         raise GenerateError(
@@ -297,7 +305,8 @@ def _generate_jit(params: Any, prompt: jax.Array, prompt_valid: jax.Array, key: 
             logits = SP.finish_logits(cfg, gen, logits)
         elif spec is None:
             logits, cache = DS.block_logits(params, cfg, gen, seq, st.cache, p + a0,
-                                          st.block_step, mesh)
+                                          st.block_step, mesh, answer_start=p,
+                                          block=st.block, first=step == 0)
         else:
             logits, next_logits, n_acc, spec_tok, rank, n_draft, cache = _speculative_logits(
                 params, cfg, gen, spec, seq, st, p + a0, block_tokens, k_spec, mesh, draft)

@@ -66,14 +66,40 @@ def cached_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Seque
                           seq.positions, usable, qloc, attn_impl=gen.attn_impl, mesh=mesh)
 
 
+def answer_refresh(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequence,
+                   cache: KVCache, answer_start: jax.Array, start: jax.Array, mesh: Any
+                   ) -> tuple[jax.Array, KVCache]:
+    """The cheaper refresh (`refresh_scope="answer"`): one forward over the answer region
+    `[answer_start - shift, answer_start + G)` whose queries attend to the cache's prompt
+    entries (kept from the decode's first, full refresh) and to the region's own fresh
+    keys/values, which are then written into the cache in place (the prompt's stay stale).
+    Returns float32 logits `[B2, Lb, V]` of the block at `start` and the updated cache."""
+    shift = 1 if cfg.logits_shift else 0
+    r = gen.gen_length + shift
+    b2, t = seq.tokens.shape
+    rs = answer_start - shift
+    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, rs, r, axis=1)  # noqa: E731
+    usable = seq.valid & (jnp.arange(t)[None, :] < rs)
+    qloc = jnp.broadcast_to(start - rs + jnp.arange(gen.block_length, dtype=jnp.int32),
+                            (b2, gen.block_length))
+    logits, fresh = M.apply_cached(params, cfg, cache, cut(seq.tokens), cut(seq.positions),
+                                   cut(seq.valid), seq.positions, usable, qloc,
+                                   attn_impl=gen.attn_impl, mesh=mesh, collect_kv=True)
+    put = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), rs, axis=2)  # noqa: E731
+    return logits, KVCache(k=put(cache.k, fresh.k), v=put(cache.v, fresh.v))
+
+
 def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequence,
                   cache: KVCache | None, start: jax.Array, block_step: jax.Array, mesh: Any,
-                  refresh: bool = False) -> tuple[jax.Array, KVCache | None]:
+                  refresh: bool = False, *, answer_start: Any = None, block: Any = 0,
+                  first: Any = False) -> tuple[jax.Array, KVCache | None]:
     """float32 logits `[B, Lb, V]` of the block starting at sequence index `start`.
 
     Without a cache: one full forward. With one: a refresh (full forward that also rebuilds
-    the cache) at block starts / every `refresh_every` steps (always, with `refresh`), else
-    a cached step.
+    the cache) at block starts (every `refresh_blocks`-th block's) / every `refresh_every`
+    steps (always, with `refresh`), else a cached step. With `refresh_scope="answer"` every
+    refresh but the decode's `first` step's is `answer_refresh` (needs `answer_start`, the
+    sequence index of the answer's first position).
     """
     b2 = seq.tokens.shape[0]
     qidx = jnp.broadcast_to(start + jnp.arange(gen.block_length, dtype=jnp.int32),
@@ -82,9 +108,17 @@ def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequen
         logits = M.apply(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
                          attn_impl=gen.attn_impl, mesh=mesh)
     else:
-        def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
+        def full_refresh(c: KVCache) -> tuple[jax.Array, KVCache]:
             return M.apply_refresh(params, cfg, seq.tokens, seq.positions, seq.valid, qidx,
                                    attn_impl=gen.attn_impl, mesh=mesh, into=c)
+
+        def refresh_fn(c: KVCache) -> tuple[jax.Array, KVCache]:
+            if gen.refresh_scope == "full":
+                return full_refresh(c)
+            if answer_start is None:
+                raise ValueError("refresh_scope 'answer' needs answer_start.")
+            return jax.lax.cond(first, full_refresh, lambda c: answer_refresh(
+                params, cfg, gen, seq, c, answer_start, start, mesh), c)
 
         def cached(c: KVCache) -> tuple[jax.Array, KVCache]:
             return cached_logits(params, cfg, gen, seq, c, start, mesh), c
@@ -92,8 +126,9 @@ def block_logits(params: Any, cfg: ModelConfig, gen: GenerateConfig, seq: Sequen
         if refresh:
             logits, cache = refresh_fn(cache)
         else:
-            logits, cache = jax.lax.cond(needs_refresh(block_step, gen.refresh_every),
-                                         refresh_fn, cached, cache)
+            logits, cache = jax.lax.cond(
+                needs_refresh(block_step, gen.refresh_every, block, gen.refresh_blocks, first),
+                refresh_fn, cached, cache)
     # Guidance, and MASK never a candidate: a committed MASK would be decoded again forever.
     return SP.finish_logits(cfg, gen, logits), cache
 
@@ -122,5 +157,5 @@ def fill_after_eos(answer: jax.Array, fix_step: jax.Array, step: jax.Array, mask
     return jnp.where(fill, eos_id, answer), jnp.where(fill, step, fix_step)
 
 
-__all__ = ["Sequence", "block_logits", "cached_logits", "fill_after_eos", "model_batch",
+__all__ = ["Sequence", "answer_refresh", "block_logits", "cached_logits", "fill_after_eos", "model_batch",
            "next_block"]

@@ -56,6 +56,10 @@ def serve_defaults(args: argparse.Namespace, model_dir: str):  # -> ServeDefault
     from dllm_jax.serve.protocol import ServeDefaults
 
     decode_settings(args, model_dir)  # UsageError for a bad flag, as in `generate`
+    if args.refresh_scope != "full" or args.refresh_blocks != 1:
+        raise UsageError("--refresh-scope / --refresh-blocks are options of generate, batch "
+                         "and bench; the server's block-level decode refreshes the full "
+                         "sequence at every block start: drop them.")
     return ServeDefaults(
         gen_length=args.gen_length or DEFAULT_GEN_LENGTH, block_length=args.block_length,
         steps=args.steps, temperature=args.temperature, cfg=args.cfg, cache=args.cache,
