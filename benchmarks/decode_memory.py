@@ -40,11 +40,7 @@ def model_config(name: str) -> ModelConfig:
     if name == "dream-7b":
         return ModelConfig.dream_7b()
     if name == "sdar-8b":       # Qwen3-8B shapes, block-causal
-        return ModelConfig(arch="sdar", vocab_size=151936, hidden_size=4096, num_layers=36,
-                           num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
-                           rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True,
-                           block_causal=True, block_size=4, max_position=40960,
-                           mask_token_id=151669, eos_token_id=151645, pad_token_id=151643)
+        return ModelConfig.sdar_8b()
     if name in ("tiny-llada", "tiny-sdar"):  # smoke tests
         return ModelConfig.tiny(name.split("-")[1])
     raise SystemExit(f"--model must be llada-8b, dream-7b, sdar-8b, tiny-llada or tiny-sdar, "

@@ -1,9 +1,10 @@
-"""Sharding benchmark for the 2-GPU machine: batch throughput on 1 vs 2 devices, and a long
-(>= 32k tokens of prompt + answer) decode on 1 device vs sequence-parallel over 2.
+"""Sharding benchmark for a multi-GPU host: batch throughput on 1 vs N devices, and a long
+(>= 32k tokens of prompt + answer) decode on 1 device vs sequence-parallel over N.
 
-    python benchmarks/sharding.py                    # nvidia-h200-x2, LLaDA-8B shapes, bf16
-    python benchmarks/sharding.py --tiny             # CPU smoke test: 2 simulated devices
-    python benchmarks/sharding.py --cases long_1dev,long_2dev_seq --long-tokens 65536
+    python benchmarks/sharding.py                    # every visible GPU, LLaDA-8B shapes, bf16
+    python benchmarks/sharding.py --model sdar_8b    # SDAR-8B / Qwen3-8B shapes, block 4
+    python benchmarks/sharding.py --tiny             # CPU smoke test: 8 simulated devices
+    python benchmarks/sharding.py --devices 2 --cases long_1dev,long_seq --long-tokens 65536
 
 Each case runs in a fresh subprocess (so its peak memory is its own and an out-of-memory
 failure is a result, not a crash of the benchmark) and prints one JSON line; the parent prints
@@ -13,13 +14,16 @@ LLaDA's low-confidence rule with a fixed schedule, so every case does the same n
 forwards. Throughput counts answer tokens only (batch x gen_length / wall time of the
 compiled decode, compile excluded).
 
-Cases:
+Cases (N = --devices; "vs 1 device" in the table = tok/s / (N x the 1-device tok/s) for the
+batch cases, tok/s / the 1-device tok/s for the long ones):
   batch_1dev        one device, the plain single-device path (no mesh)
-  batch_2dev_data   mesh data=2: the batch split over both devices
-  batch_2dev_model  mesh model=2: tensor parallel (heads / MLP / vocab split)
+  batch_data        mesh data=N: the batch split over the devices
+  batch_model       mesh model=N: tensor parallel (heads / MLP / vocab split)
+  batch_data_model  mesh data=N/2,model=2
   long_1dev         one device, prompt + answer = --long-tokens
-  long_2dev_seq     mesh seq=2: tokens and KV cache split, ring attention
-  long_2dev_model   mesh model=2: weights and KV heads split, sequence whole
+  long_seq          mesh seq=N: tokens and KV cache split, ring attention
+  long_model        mesh model=N: weights and KV heads split, sequence whole
+(the 2-GPU names of earlier runs, batch_2dev_data etc., are accepted: they are --devices 2.)
 """
 
 from __future__ import annotations
@@ -32,18 +36,28 @@ import sys
 import time
 from typing import Any
 
-CASES = ("batch_1dev", "batch_2dev_data", "batch_2dev_model", "long_1dev", "long_2dev_seq",
-         "long_2dev_model")
-MESHES = {"batch_1dev": None, "batch_2dev_data": "data=2", "batch_2dev_model": "model=2",
-          "long_1dev": None, "long_2dev_seq": "seq=2", "long_2dev_model": "model=2"}
+CASES = ("batch_1dev", "batch_data", "batch_model", "batch_data_model", "long_1dev",
+         "long_seq", "long_model")
+#: The names of the 2-GPU runs in RESULTS.md.
+OLD_NAMES = {"batch_2dev_data": "batch_data", "batch_2dev_model": "batch_model",
+             "long_2dev_seq": "long_seq", "long_2dev_model": "long_model"}
+
+
+def mesh_spec(case: str, n: int) -> str | None:
+    """The mesh of a case on n devices (None: one device, no mesh)."""
+    return {"batch_1dev": None, "long_1dev": None, "batch_data": f"data={n}",
+            "batch_model": f"model={n}", "batch_data_model": f"data={n // 2},model=2",
+            "long_seq": f"seq={n}", "long_model": f"model={n}"}[case]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true",
-                   help="CPU smoke test: tiny model, 2 simulated host devices, short sequences")
-    p.add_argument("--model", default="llada_8b", choices=("llada_8b", "dream_7b"),
-                   help="model shapes (random weights)")
+                   help="CPU smoke test: tiny model, 8 simulated host devices, short sequences")
+    p.add_argument("--devices", type=int, default=None,
+                   help="N devices of the sharded cases (default: all visible; --tiny: 8)")
+    p.add_argument("--model", default="llada_8b", choices=("llada_8b", "dream_7b", "sdar_8b"),
+                   help="model shapes (random weights; sdar_8b: block-causal, exact cache)")
     p.add_argument("--layers", type=int, default=None,
                    help="override the number of layers (e.g. to fit a long case)")
     p.add_argument("--dtype", default="bfloat16")
@@ -64,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     args = p.parse_args(argv)
     if args.tiny:
-        args.batch, args.prompt_length, args.gen_length = 4, 16, 16
+        args.batch, args.prompt_length, args.gen_length = 8, 16, 16
         args.block_length, args.long_tokens, args.long_gen_length = 8, 256, 16
         args.repeats = min(args.repeats, 2)
         args.timeout = min(args.timeout, 600)
@@ -78,11 +92,13 @@ def _model_cfg(args: argparse.Namespace) -> Any:
     from dllm_jax.config import ModelConfig
 
     if args.tiny:
-        cfg = ModelConfig.tiny("llada", vocab_size=128, mask_token_id=127, hidden_size=64,
-                               num_heads=4, num_kv_heads=4, head_dim=16,
+        arch = "sdar" if args.model == "sdar_8b" else "llada"
+        cfg = ModelConfig.tiny(arch, vocab_size=128, mask_token_id=127, hidden_size=64,
+                               num_heads=8, num_kv_heads=8, head_dim=8,
                                max_position=args.long_tokens + 64)
     else:
-        cfg = ModelConfig.llada_8b() if args.model == "llada_8b" else ModelConfig.dream_7b()
+        cfg = {"llada_8b": ModelConfig.llada_8b, "dream_7b": ModelConfig.dream_7b,
+               "sdar_8b": ModelConfig.sdar_8b}[args.model]()
         cfg = dataclasses.replace(cfg, max_position=max(cfg.max_position, args.long_tokens))
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
@@ -145,8 +161,8 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     case = args.case
     cfg = _model_cfg(args)
     dtype = jnp.dtype(args.dtype)
-    spec = MESHES[case]
-    mesh = None if spec is None else S.make_mesh(spec, devices=jax.devices()[:2])
+    spec = mesh_spec(case, args.devices)
+    mesh = None if spec is None else S.make_mesh(spec, devices=jax.devices()[:args.devices])
     long = case.startswith("long")
     if long:
         g = args.long_gen_length
@@ -191,6 +207,19 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE` (the child gets its own --case)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def _fmt(row: dict[str, Any]) -> str:
     used = row.get("memory", [])[:max(int(row.get("devices", 1)), 1)]
     peaks = [m["peak_gib"] for m in used if m.get("peak_gib") is not None]
@@ -203,24 +232,47 @@ def _fmt(row: dict[str, Any]) -> str:
             f"nfe {row['nfe']:>4}  peak GiB/dev {mem}")
 
 
+def _efficiency(rows: list[dict[str, Any]]) -> None:
+    """Adds `vs_1dev` to every ok row: its tok/s against the same kind's 1-device row
+    (batch cases: per device, tok/s / (N x 1-device tok/s); long cases: tok/s / 1-device)."""
+    one = {r["case"].split("_")[0]: r for r in rows
+           if r["case"].endswith("_1dev") and r.get("status") == "ok"}
+    for r in rows:
+        base = one.get(r["case"].split("_")[0])
+        if r.get("status") != "ok" or base is None or r["case"].endswith("_1dev"):
+            continue
+        n = r["devices"] if r["case"].startswith("batch") else 1
+        r["vs_1dev"] = r["answer_tokens_per_s"] / (n * base["answer_tokens_per_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tiny:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+            os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.devices is None and not args.case:   # counted in a child: the parent holds no GPU
+        args.devices = int(subprocess.run(
+            [sys.executable, "-c", "import jax; print(len(jax.devices()))"], capture_output=True,
+            text=True, env=dict(os.environ), check=True).stdout.split()[-1])
+    if args.devices < 2 or args.devices % 2:
+        print(f"error: --devices must be an even number >= 2, got {args.devices} (the "
+              f"sharded cases split over N devices and data=N/2,model=2).", file=sys.stderr)
+        return 2
     if args.case:
         print(json.dumps(run_case(args)), flush=True)
         return 0
-    cases = [c for c in args.cases.split(",") if c]
+    cases = [OLD_NAMES.get(c, c) for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        print(f"error: unknown case(s) {unknown}; choose from {', '.join(CASES)}.",
+        print(f"error: unknown case(s) {unknown} in --cases; choose from {', '.join(CASES)}.",
               file=sys.stderr)
         return 2
     rows = []
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    base = _without_flag(base, "--devices") + ["--devices", str(args.devices)]
+    base = _without_flag(base, "--cases")
     print(f"{'case':<18} {'mesh':<14} {'tokens':>7} {'batch':>5} {'ans tok/s':>10}", flush=True)
     for case in cases:
         cmd = [sys.executable, os.path.abspath(__file__), *base, "--case", case]
@@ -229,17 +281,26 @@ def main(argv: list[str] | None = None) -> int:
                                   env=dict(os.environ))
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if lines else {
-                "case": case, "mesh": MESHES[case] or "single device", "tokens": 0, "batch": 0,
+                "case": case, "mesh": mesh_spec(case, args.devices) or "single device",
+                "tokens": 0, "batch": 0,
                 "status": f"crashed rc={proc.returncode}",
                 "error": (proc.stderr.strip().splitlines() or [""])[-1][:300]}
         except subprocess.TimeoutExpired:
-            row = {"case": case, "mesh": MESHES[case] or "single device", "tokens": 0,
+            row = {"case": case, "mesh": mesh_spec(case, args.devices) or "single device",
+                   "tokens": 0,
                    "batch": 0, "status": "timeout", "error": f"> {args.timeout} s"}
         rows.append(row)
         print(_fmt(row), flush=True)
+    _efficiency(rows)
+    print(f"\n{'case':<18} {'mesh':<16} vs 1 device")
+    for r in rows:
+        if "vs_1dev" in r:
+            print(f"{r['case']:<18} {r['mesh']:<16} {r['vs_1dev']:.2f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
     return 0 if all(r.get("status") in ("ok", "OOM") for r in rows) else 1
 
 

@@ -191,6 +191,15 @@ class ModelConfig:
                    max_position=131072, mask_token_id=DREAM_MASK_ID, eos_token_id=151643,
                    pad_token_id=151643)
 
+    @classmethod
+    def sdar_8b(cls, block_size: int = 4) -> "ModelConfig":
+        """SDAR-8B shapes (the Qwen3-8B backbone, block-causal with `block_size`)."""
+        return cls(arch="sdar", vocab_size=151936, hidden_size=4096, num_layers=36,
+                   num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+                   rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True, block_causal=True,
+                   block_size=block_size, max_position=40960, mask_token_id=151669,
+                   eos_token_id=151645, pad_token_id=151643)
+
     # ------------------------------------------------------------ Hugging Face
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "ModelConfig":
