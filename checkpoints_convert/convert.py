@@ -5,8 +5,12 @@ Steps: read config.json and detect the architecture; list every tensor of every 
 (headers only) and validate names and shapes against the architecture's key map; preallocate the
 output arrays (stacked `[L, ...]`, target dtype); fill them file by file, tensor by tensor, in
 row blocks; write them with `dllm_jax.checkpoint.save_model` (atomic: temporary folder, then
-rename) together with our config and the original config / tokenizer files.
-Peak memory is the output size plus one row block plus the libraries.
+rename) together with our config and the original config / tokenizer files. With
+`quantize="int8"` (`--quantize int8`) the matrices are quantised on the host before the write
+(`dllm_jax.quant`: int8 per output channel, one layer's float32 copy at a time) and the folder
+records `"quantization": "int8"`.
+Peak memory is the output size plus one row block plus the libraries (with int8: plus the
+int8 matrices).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from checkpoints_convert import hf
 from checkpoints_convert.keymap import KeyMap, Placement, dropped_tensors, keymap_for, plan
+from dllm_jax import quant
 from dllm_jax.models import FAMILIES
 from dllm_jax.checkpoint import CheckpointError, check_destination, numpy_dtype, save_model
 from dllm_jax.config import ModelConfig
@@ -84,6 +89,7 @@ def convert(
     dtype: str = "bfloat16",
     overwrite: bool = False,
     log: Callable[[str], Any] | None = None,
+    quantize: str | None = None,
 ) -> ConvertResult:
     """Convert the Hugging Face checkpoint folder `src` into the dllm-jax checkpoint folder `dst`.
 
@@ -94,6 +100,8 @@ def convert(
       dtype: params dtype of the output, "bfloat16" or "float32".
       overwrite: replace an existing dllm-jax checkpoint at `dst`.
       log: progress sink (e.g. `print`); None is silent.
+      quantize: None, or "int8" to store the matrices as int8 with per-output-channel scales
+        (the other params in `dtype`).
     Returns:
       A ConvertResult. Raises CheckpointError (one sentence naming the file and the fix) on
       bad input; nothing is left at `dst` or next to it after an error or interrupt.
@@ -103,8 +111,11 @@ def convert(
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}.")
+    quant.check_mode(quantize, "--quantize")
     out_dtype = numpy_dtype(dtype)
     _, cfg = hf.read_config(src_path)
+    if quantize is not None:
+        quant.check_arch(cfg.arch, "--quantize")
     check_destination(dst_path, overwrite)
     if dst_path == src_path or src_path in dst_path.parents or dst_path in src_path.parents:
         raise CheckpointError(
@@ -137,16 +148,21 @@ def convert(
             if not progress.shows_bar(log is None):
                 say(f"  [{n}/{len(weights.files)}] {path.name}: {len(todo)} tensors")
 
+    if quantize is not None:
+        params = quant.quantize_params(params)
     save_model(dst_path, cfg, params, overwrite=overwrite, extra_files=hf.side_files(src_path))
     num_bytes = sum(a.nbytes for a in _leaves(params))
     seconds = time.perf_counter() - t0
-    say(f"wrote {dst_path} ({num_bytes / 2**30:.2f} GiB of {dtype} params) in {seconds:.1f} s")
+    what = dtype if quantize is None else f"{quantize} + {dtype}"
+    say(f"wrote {dst_path} ({num_bytes / 2**30:.2f} GiB of {what} params) in {seconds:.1f} s")
     return ConvertResult(dst_path, cfg, dtype, len(placements), num_bytes, seconds)
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:
     if isinstance(tree, dict):
         return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if quant.is_quantized(tree):
+        return [tree.q, tree.scale]
     return [tree]
 
 
@@ -157,6 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="output folder for the dllm-jax checkpoint (must not exist)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="params dtype of the output (default: bfloat16)")
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="int8: store the projection and LM head matrices as int8 with "
+                             "one float32 scale per output channel (weight-only; the other "
+                             "params in --dtype); default: no quantisation")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is an existing dllm-jax checkpoint")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -165,5 +185,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `convert` command line; returns the exit code (errors raise CheckpointError)."""
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, log=log)
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, log=log,
+            quantize=args.quantize)
     return 0

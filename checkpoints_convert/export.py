@@ -40,6 +40,7 @@ from dllm_jax import progress
 from dllm_jax.checkpoint import CheckpointError, atomic_directory, load_config, load_model
 from dllm_jax.config import ConfigError, ModelConfig
 from dllm_jax.models import FAMILIES
+from dllm_jax.quant import dequantize_params
 
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 10**9          # Hugging Face's default shard size, "5GB"
@@ -305,6 +306,7 @@ def export_hf(
 
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     _, params = load_model(src, dtype=dtype, shardings=cpu)
+    params = dequantize_params(params)      # an int8 folder exports its dequantised weights
     by_name = {t.name: t for t in tensors}
     shapes = [(t, to_hf_array_shape(params, t)) for t in tensors]
     itemsize = _np_dtype(dtype).itemsize

@@ -9,6 +9,8 @@ Layout of a checkpoint folder (what `save_model` writes and `dllm-jax convert` p
                          `dllm_jax.models` (nested dict, layers stacked on a leading [L] axis)
       config.json, tokenizer.json, ...   extra files copied verbatim (the converter copies the
                          original Hugging Face config and tokenizer files here)
+An int8 folder (version 2) also records `"quantization": "int8", "quantized": [paths]`, each
+such weight stored as `<path>/q` int8 and `<path>/scale` float32 (`dllm_jax.quant`).
 
 Writes go to a hidden temporary folder next to DST (`.DST.dllm-tmp-<pid>-<id>`) that is renamed
 to DST only when everything is on disk; on any error or interrupt the temporary folder is
@@ -38,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm_jax import quant
 from dllm_jax.config import ConfigError, ModelConfig
 from dllm_jax.models import Params, param_shapes
 
 FORMAT = "dllm-jax-checkpoint"
-VERSION = 1
+VERSION = 2  # the newest version read (int8 folders); float folders are written as version 1
 CONFIG_FILE = "dllm_config.json"
 PARAMS_DIR = "params"
 SUPPORTED_DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
@@ -192,8 +195,9 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def check_params(cfg: ModelConfig, params: Params) -> str:
     """Check that `params` has exactly the layout of `param_shapes(cfg)`; returns the common dtype name."""
-    want = _flat(param_shapes(cfg))
-    have = _flat(params)
+    paths = quant.quantized_paths(params)
+    want = _flat(quant.abstract_quantized(param_shapes(cfg), paths))
+    have = _flat(quant.to_plain(params))
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise CheckpointError(
@@ -207,7 +211,8 @@ def check_params(cfg: ModelConfig, params: Params) -> str:
             raise CheckpointError(
                 f"param {name} has shape {list(shape)} but the config asks for {list(want[name].shape)}."
             )
-        dtypes.add(dtype_name(leaf.dtype))
+        if not (paths and quant.check_part_dtype(name, leaf, want[name])):
+            dtypes.add(dtype_name(leaf.dtype))
     if len(dtypes) != 1:
         raise CheckpointError(f"params mix dtypes {sorted(dtypes)}; cast them to one dtype before saving.")
     return dtypes.pop()
@@ -327,20 +332,21 @@ def save_model(
       directory: destination folder; must not exist unless `overwrite`.
       cfg: the model's config.
       params: pytree laid out as `param_shapes(cfg)` (numpy or jax arrays, one dtype), e.g.
-        `embed [V, D]`, `layers/q_proj [L, D, H*hd]`.
+        `embed [V, D]`, `layers/q_proj [L, D, H*hd]`; matrices may be int8 QuantizedWeights.
       overwrite: replace an existing checkpoint (or empty folder) at `directory`.
       extra_files: `{name in the folder: source path}` copied verbatim (tokenizer files, ...).
     Returns:
       The absolute path of the written folder.
     """
     dtype = check_params(cfg, params)
-    meta = {"format": FORMAT, "version": VERSION, "param_dtype": dtype, "model": cfg.to_dict()}
+    meta = {"format": FORMAT, "version": 1, "param_dtype": dtype, **quant.folder_meta(cfg, params),
+            "model": cfg.to_dict()}
     with atomic_directory(directory, overwrite) as tmp:
         for name, src in (extra_files or {}).items():
             if name in (CONFIG_FILE, PARAMS_DIR) or Path(name).name != name:
                 raise CheckpointError(f"extra file name {name!r} is reserved or not a plain file name.")
             shutil.copyfile(src, tmp / name)
-        _write_params(tmp / PARAMS_DIR, params)
+        _write_params(tmp / PARAMS_DIR, quant.to_plain(params))
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -385,17 +391,25 @@ def load_config(directory: str | os.PathLike) -> tuple[ModelConfig, str]:
     return cfg, dtype_name(meta.get("param_dtype", "float32"))
 
 
-def abstract_params(cfg: ModelConfig, dtype: Any, shardings: Any = None) -> Params:
+def load_quantization(directory: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """(None, []) for a float folder, else ("int8", the paths of its quantised weights)."""
+    return quant.read_folder_meta(_read_meta(Path(directory).absolute()), Path(directory) / CONFIG_FILE)
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any, shardings: Any = None, quantized: Any = ()
+                    ) -> Params:
     """`param_shapes(cfg, dtype)` with a sharding on every leaf (default: the first device).
 
     `shardings` is None, one `jax.sharding.Sharding` for every leaf, or a pytree of shardings
-    with the params' structure.
+    with the params' structure. `quantized`: paths of int8 weights (`quant.abstract_quantized`).
     """
     shapes = param_shapes(cfg, dtype)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings), shapes)
+        return quant.abstract_quantized(jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings), shapes), quantized)
+    quant.refuse_mesh(quantized)
     try:
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
@@ -414,16 +428,17 @@ def load_model(
       dtype: params dtype to restore as (cast on read); None keeps the stored dtype.
       shardings: None (first device), one Sharding for all leaves, or a pytree of shardings.
     Returns:
-      (config, params) with params as jax arrays laid out as `param_shapes(config)`.
+      (config, params) with params as jax arrays laid out as `param_shapes(config)` (int8
+      folders: QuantizedWeights, `dtype` for the float params).
     """
     directory = Path(directory).absolute()
-    cfg, stored = load_config(directory)
+    (cfg, stored), quantized = load_config(directory), load_quantization(directory)[1]
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(
             f"{directory} has no {PARAMS_DIR}/ folder (an incomplete checkpoint); re-run `dllm-jax convert`."
         )
-    abstract = abstract_params(cfg, jnp.dtype(dtype_name(dtype or stored)), shardings)
+    abstract = abstract_params(cfg, jnp.dtype(dtype_name(dtype or stored)), shardings, quantized)
     try:
         params = _read_params(params_dir, abstract)
     except Exception as e:  # orbax / tensorstore errors are long; keep ours one sentence
@@ -432,4 +447,4 @@ def load_model(
             f"checkpoint is damaged or does not match {CONFIG_FILE}: copy it again or re-run "
             f"`dllm-jax convert`."
         ) from None
-    return cfg, params
+    return cfg, quant.from_plain(params, quantized)

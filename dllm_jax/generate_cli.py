@@ -6,6 +6,9 @@ Contract (other tools call exactly this):
         [--gen-length N --block-length N --steps N --controller NAME --threshold X
          --factor X --temperature X --cfg X --seed N --cache none|prefix|dual] [--json]
 
+With --quantize int8 the model's matrices are quantised to int8 at load time
+(`dllm_jax.quant`).
+
 With --json it prints one JSON object: {"tokens": [...], "text": "...", "nfe": N, "steps": N}
 where tokens are the answer ids before the first EOS.
 """
@@ -41,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None, metavar="DIR",
                    help="with --controller simsd: a smaller model folder with the same "
                         "tokenizer that drafts the masked positions (default: self-drafting)")
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="int8: quantise --model's matrices at load time (weight-only, per "
+                        "output channel; activations in the stored dtype); default: the "
+                        "stored weights (a folder from `convert --quantize int8` is int8 "
+                        "already)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--show-steps", action="store_true", help="print the answer after each "
                    "step, committed tokens in brackets (to stderr with --json)")
@@ -51,16 +59,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from dllm_jax import session
+    from dllm_jax import quant, session
     from dllm_jax.decode import GenerateError
     from dllm_jax.tokenizer import TokenizerError
 
+    try:
+        quant.check_mode(args.quantize, "--quantize")
+    except quant.QuantizationError as e:
+        raise UsageError(str(e)) from None
     text = args.prompt if args.prompt is not None else args.text
     if args.prompt is not None and args.text is not None:
         raise UsageError("give the prompt once: either as PROMPT or with --prompt.")
     if (text is None) == (args.prompt_ids is None):
         raise UsageError("give exactly one of PROMPT/--prompt TEXT or --prompt-ids 1,2,3.")
-    sess = session.load(args.model)
+    sess = session.load(args.model, quantize=args.quantize)
     draft = (session.load(args.draft_model, flag="--draft-model")
              if args.draft_model is not None else None)
     try:

@@ -245,22 +245,36 @@ def read_train_config(model_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh: Any = None,
-         layout: str = "auto", flag: str = "--model") -> Session:
+         layout: str = "auto", flag: str = "--model", quantize: str | None = None,
+         quantize_flag: str = "--quantize") -> Session:
     """Load a model folder (None: the bundled model).
 
     Args:
-      dtype: params dtype (default: as stored).
+      dtype: params dtype (default: as stored); with int8 weights, the dtype of the
+        activations and of the params that stay in float.
+      quantize: "int8": quantise the matrices at load time (`quant.quantize_params`: q/k/v/o,
+        gate/up/down, lm_head; int8 per output channel, activations in `dtype`); peak memory
+        is the float params plus the int8 ones. None: as stored (a folder written by
+        `dllm-jax convert --quantize int8` loads int8 either way).
+      quantize_flag: the name of `quantize` in errors (the command-line flag).
       mesh: a `sharding.make_mesh` mesh: each device restores only its shards, and the params
         are laid out for it. None: one device.
       layout: "auto" (the fastest on this backend, see `models.decode_layout`), "stacked"
         (the on-disk `[num_layers, ...]` layout, for training / fitting code).
       flag: the command-line flag named in errors about the folder.
     """
-    from dllm_jax import models
-    from dllm_jax.checkpoint import load_config, load_model
+    from dllm_jax import models, quant
+    from dllm_jax.checkpoint import load_config, load_model, load_quantization
     from dllm_jax.tokenizer import Tokenizer
 
+    quant.check_mode(quantize, quantize_flag)
     path = resolve_model_dir(model_dir, flag)
+    if quantize is not None or load_quantization(path)[0] is not None:
+        quant.check_arch(load_config(path)[0].arch, quantize_flag)
+        if mesh is not None:
+            raise SessionError(f"int8 weights ({quantize_flag} int8 or an int8 folder) load on "
+                               f"one device only, not on a mesh; drop the mesh or "
+                               f"{quantize_flag}.")
     shardings = None
     if mesh is not None:
         from dllm_jax import sharding as S
@@ -268,6 +282,8 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
         cfg, _ = load_config(path)
         shardings = S.param_shardings(cfg, mesh)
     cfg, params = load_model(path, dtype=dtype, shardings=shardings)
+    if quantize == "int8":
+        params = quant.quantize_params(params)
     if layout not in ("auto", "stacked"):
         raise SessionError(f"layout must be 'auto' or 'stacked', got {layout!r}.")
     if layout == "auto" and cfg.arch != "diffusion_gemma":   # its stack has its own layout

@@ -3,7 +3,8 @@ attention projections, the SwiGLU MLP, the LM head.
 
 Numerics follow the PyTorch originals: RMSNorm and RoPE in float32, logits in float32.
 Shapes: hidden states `[batch, len, D]`; per-layer params `lp` hold one layer's weights (see
-`params.dense_decoder`), unfused or fused (`qkv_proj`, `gate_up_proj`).
+`params.dense_decoder`), unfused or fused (`qkv_proj`, `gate_up_proj`). Any matrix may be an
+int8 `quant.QuantizedWeight` (`dense` and the LM head then run `quant.matmul`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from dllm_jax.attention import matmul_precision
 from dllm_jax.config import ModelConfig
+from dllm_jax.quant import QuantizedWeight, matmul
 
 Params = dict[str, Any]
 
@@ -44,8 +46,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x [..., in] @ w [in, out]` (float32 operands at full precision on GPU)."""
+def dense(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """`x [..., in] @ w [in, out]` (float32 operands at full precision on GPU); an int8
+    QuantizedWeight runs `(x @ q.astype(x.dtype)) * scale` (`quant.matmul`), in x's dtype."""
+    if isinstance(w, QuantizedWeight):
+        return matmul(x, w, precision=matmul_precision(x.dtype))
     return jnp.einsum("...i,io->...o", x, w, precision=matmul_precision(w.dtype))
 
 
@@ -104,5 +109,7 @@ def lm_logits(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     if cfg.tie_embeddings:
         return jnp.einsum("bqd,vd->bqv", h, params["embed"], preferred_element_type=jnp.float32,
                           precision=precision)
+    if isinstance(params["lm_head"], QuantizedWeight):
+        return matmul(h, params["lm_head"], jnp.float32, precision)
     return jnp.einsum("bqd,dv->bqv", h, params["lm_head"], preferred_element_type=jnp.float32,
                       precision=precision)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from dllm_jax import quant
 from dllm_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -239,13 +240,13 @@ def unstack_layers(params: Params, fuse: bool = False) -> Params:
         for name in names:
             leaf = stacked.pop(name)
             for i in range(n):
-                per_layer[i][name] = leaf[i]
+                per_layer[i][name] = leaf[i]      # a QuantizedWeight slices q and scale
             del leaf
     if fuse:
         for lp in per_layer:
             for f in FUSED:
                 if all(p in lp for p in f.parts):
-                    lp[f.name] = jnp.concatenate([lp.pop(p) for p in f.parts], axis=-1)
+                    lp[f.name] = quant.concatenate([lp.pop(p) for p in f.parts], axis=-1)
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = per_layer
     return out
@@ -270,11 +271,11 @@ def stack_layers(params: Params, cfg: ModelConfig | None = None) -> Params:
             if f.name in lp:
                 if cfg is None:
                     raise ValueError("stack_layers needs the ModelConfig to split fused weights.")
-                for p, a in zip(f.parts, jnp.split(lp.pop(f.name), _split_sizes(cfg, f), -1)):
+                for p, a in zip(f.parts, quant.split(lp.pop(f.name), _split_sizes(cfg, f), -1)):
                     lp[p] = a
         split.append(lp)
     out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = {name: jnp.stack([lp[name] for lp in split]) for name in split[0]}
+    out["layers"] = {name: quant.stack([lp[name] for lp in split]) for name in split[0]}
     return out
 
 
