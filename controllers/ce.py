@@ -135,17 +135,15 @@ class CE:
 _CE = CEFilter()
 
 
-@register("ce")
 @dataclasses.dataclass(frozen=True)
-class CEOptions(ControllerOptions):
-    """Confidence Extrapolation: the threshold rule plus CE safe look-ahead and stabilization."""
+class CERuleOptions(ControllerOptions):
+    """The options of CE's commit rules, declared once for `ce` and `ce_fitted` (which
+    subclass this; not registered itself). `ce_fitted` re-declares horizon and z with the
+    default None ("the fitted one"); the filter options (q, r, slope_var0) are `ce`'s only."""
 
     threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
     horizon: int = option(2, "CE look-ahead in steps, >= 0")
     z: float = option(1.0, "width of the CE forecast's lower bound in sds, >= 0")
-    q: float = option(_CE.q, "CE filter process-noise scale, >= 0")
-    r: float = option(_CE.r, "CE filter observation-noise variance (log-odds^2), > 0")
-    slope_var0: float = option(_CE.slope_var0, "CE filter slope variance at a restart, > 0")
     lookahead: bool = option(True, "CE: also commit tokens whose forecast clears the threshold")
     stabilize: bool = option(True, "CE: hold oscillating, falling or flat-and-unsure tokens")
     flip_k: int = option(2, "CE: a token with >= flip_k candidate flips may oscillate, >= 1")
@@ -155,23 +153,42 @@ class CEOptions(ControllerOptions):
 
     def validate(self) -> None:
         require(0.0 < self.threshold <= 1.0, "threshold", "in (0, 1]", self.threshold, 0.9)
-        require(self.horizon >= 0, "horizon", "an integer >= 0 (steps ahead)", self.horizon, 2)
-        require(self.z >= 0.0, "z", ">= 0 (forecast sds)", self.z, 1.0)
-        filt = "the CE filter needs q >= 0, r > 0 and slope_var0 > 0"
-        require(self.q >= 0.0, "q", f">= 0 ({filt})", self.q, _CE.q)
-        require(self.r > 0.0, "r", f"> 0 ({filt})", self.r, _CE.r)
-        require(self.slope_var0 > 0.0, "slope_var0", f"> 0 ({filt})", self.slope_var0,
-                _CE.slope_var0)
+        if self.horizon is not None:
+            require(self.horizon >= 0, "horizon", "an integer >= 0 (steps ahead)", self.horizon,
+                    2)
+        if self.z is not None:
+            require(self.z >= 0.0, "z", ">= 0 (forecast sds)", self.z, 1.0)
         require(self.flip_k >= 1, "flip_k", "an integer >= 1", self.flip_k, 2)
         require(self.recent >= 1, "recent", "an integer >= 1", self.recent, 2)
         require(self.slope_tol >= 0.0, "slope_tol", ">= 0", self.slope_tol, 0.0)
         require(self.flat_tol >= 0.0, "flat_tol", ">= 0", self.flat_tol, 0.1)
 
+
+#: CE's rule options (CERuleOptions' fields), in declaration order.
+CE_RULE_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CERuleOptions))
+
+
+@register("ce")
+@dataclasses.dataclass(frozen=True)
+class CEOptions(CERuleOptions):
+    """Confidence Extrapolation: the threshold rule plus CE safe look-ahead and stabilization."""
+
+    q: float = option(_CE.q, "CE filter process-noise scale, >= 0")
+    r: float = option(_CE.r, "CE filter observation-noise variance (log-odds^2), > 0")
+    slope_var0: float = option(_CE.slope_var0, "CE filter slope variance at a restart, > 0")
+
+    def validate(self) -> None:
+        super().validate()
+        filt = "the CE filter needs q >= 0, r > 0 and slope_var0 > 0"
+        require(self.q >= 0.0, "q", f">= 0 ({filt})", self.q, _CE.q)
+        require(self.r > 0.0, "r", f"> 0 ({filt})", self.r, _CE.r)
+        require(self.slope_var0 > 0.0, "slope_var0", f"> 0 ({filt})", self.slope_var0,
+                _CE.slope_var0)
+
     def build(self, name: str) -> CE:
-        return CE(threshold=self.threshold, horizon=self.horizon, z=self.z,
-                  lookahead=self.lookahead, stabilize=self.stabilize, flip_k=self.flip_k,
-                  recent=self.recent, slope_tol=self.slope_tol, flat_tol=self.flat_tol,
+        return CE(**{k: getattr(self, k) for k in CE_RULE_OPTIONS},
                   trajectory_filter=CEFilter(q=self.q, r=self.r, slope_var0=self.slope_var0))
 
 
-__all__ = ["CE", "CEOptions", "ce_forecast", "process_noise_sum", "py_logit"]
+__all__ = ["CE", "CEOptions", "CERuleOptions", "CE_RULE_OPTIONS", "ce_forecast",
+           "process_noise_sum", "py_logit"]

@@ -17,10 +17,10 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
-from controllers.ce import CE, CEOptions
-from controllers.registry import ControllerOptions, option, register
+from controllers.ce import CE, CE_RULE_OPTIONS, CEOptions, CERuleOptions
+from controllers.registry import option, register
 from dllm_jax.config import ConfigError
 from dllm_jax.features import CEFilter
 
@@ -126,49 +126,35 @@ def resolve_ce_fit(ce_file: Any = None, model_dir: Any = None) -> CEFit:
     return read_ce_fit(os.path.join(os.fspath(model_dir), CE_FILE))
 
 
-_RULES: Sequence[str] = ("threshold", "lookahead", "stabilize", "flip_k", "recent", "slope_tol",
-                         "flat_tol")
-
-
 @register("ce_fitted", fitted=True)
 @dataclasses.dataclass(frozen=True)
-class CEFittedOptions(ControllerOptions):
+class CEFittedOptions(CERuleOptions):
     """CE with the filter and look-ahead fitted for the model (MODEL/ce.json)."""
 
-    ce_file: Any = option(None, f"a CEFit, or a {CE_FILE} file / folder (default: model_dir's)",
-                          cli=False)
-    model_dir: Any = option(None, f"model folder holding {CE_FILE} (default: the bundled model)",
-                            cli=False)
-    threshold: float = option(0.9, "commit threshold on confidence, in (0, 1]")
+    # CE's rule options are CERuleOptions'; horizon and z default to the fitted ones
     horizon: Optional[int] = option(None, "CE look-ahead in steps (default: the fitted one)",
                                     example=2)
     z: Optional[float] = option(None, "width of the CE lower bound in sds (default: the "
                                       "fitted one)", example=1.0)
-    lookahead: bool = option(True, "CE: also commit tokens whose forecast clears the threshold")
-    stabilize: bool = option(True, "CE: hold oscillating, falling or flat-and-unsure tokens")
-    flip_k: int = option(2, "CE: a token with >= flip_k candidate flips may oscillate, >= 1")
-    recent: int = option(2, "CE: ... when its last flip is <= recent observations old, >= 1")
-    slope_tol: float = option(0.0, "CE: a slope below -slope_tol counts as falling, >= 0")
-    flat_tol: float = option(0.1, "CE: |slope| <= flat_tol counts as flat, >= 0")
+    ce_file: Any = option(None, f"a CEFit, or a {CE_FILE} file / folder (default: model_dir's)",
+                          cli=False)
+    model_dir: Any = option(None, f"model folder holding {CE_FILE} (default: the bundled model)",
+                            cli=False)
 
-    def _ce_options(self, fit: Optional[CEFit]) -> CEOptions:
-        kw = {k: getattr(self, k) for k in _RULES}
+    # validate(): CERuleOptions' (horizon / z None: the fitted ones, checked when read)
+
+    def ce_options(self, fit: CEFit) -> CEOptions:
+        """The `ce` options of these rule options with `fit`'s filter (and its horizon / z
+        where these are None)."""
+        kw = {k: getattr(self, k) for k in CE_RULE_OPTIONS}
         for k in ("horizon", "z"):
-            v = getattr(self, k)
-            if v is not None:
-                kw[k] = v
-            elif fit is not None:
+            if kw[k] is None:
                 kw[k] = getattr(fit, k)
-        if fit is not None:
-            f = fit.ce_filter
-            kw.update(q=f.q, r=f.r, slope_var0=f.slope_var0)
-        return CEOptions(**kw)           # CE's checks, with CE's option names
-
-    def validate(self) -> None:
-        self._ce_options(None)
+        f = fit.ce_filter
+        return CEOptions(**kw, q=f.q, r=f.r, slope_var0=f.slope_var0)
 
     def build(self, name: str) -> CE:
-        return self._ce_options(resolve_ce_fit(self.ce_file, self.model_dir)).build("ce")
+        return self.ce_options(resolve_ce_fit(self.ce_file, self.model_dir)).build("ce")
 
 
 __all__ = ["CEFit", "CEFitError", "CEFittedOptions", "CE_FILE", "CE_FORMAT", "CE_VERSION",

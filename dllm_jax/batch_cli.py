@@ -6,7 +6,7 @@ Contract:
         [--mesh data=2,model=2,seq=2] [--batch-size N] [--bucket N] [--distributed ...]
         [generation options as in `dllm-jax generate`: --gen-length --block-length --steps
          --controller --threshold --factor --alg-temp --temperature --cfg --cache
-         --refresh-every --seed --chat]
+         --refresh-every --seed --chat] [--controller simsd --draft-model DIR]
 
 Input: one JSON object per line, {"id": ID, "prompt": "text"} or {"id": ID, "prompt_ids":
 [1, 2, 3]} (ID a non-empty string or an integer, unique in the file; ids are compared as
@@ -28,10 +28,18 @@ Restart: run the same command again. Ids already in the output are skipped; a tr
 partial line (a write cut by the kill) is truncated away first. Nothing is lost and nothing is
 written twice.
 
-Settings: the decoding settings (model, dtype, every decode flag with defaults resolved) are
-recorded at the first start in OUTPUT.settings.json (written atomically). A restart with
-other settings is refused, naming the flags that differ, since its answers would be appended
-to answers made differently; --force-new-settings appends anyway and records the new settings.
+Settings: the decoding settings (model, draft model, dtype, every decode flag with defaults
+resolved) are recorded at the first start in OUTPUT.settings.json (written atomically). A
+restart with other settings is refused, naming the flags that differ, since its answers would
+be appended to answers made differently; --force-new-settings appends anyway and records the
+new settings.
+
+Draft model: --draft-model DIR drafts for a speculative controller (simsd) with a second
+model folder with the same tokenizer (loaded with --dtype on the same mesh), as in `dllm-jax
+generate`; refused with any other controller, and a missing or unusable folder is refused
+before anything is read or decoded. The folder is part of the recorded settings: resuming with
+another draft model, or without one where there was one, or the reverse, is refused naming
+--draft-model.
 
 Locking: a run holds an exclusive lock on OUTPUT.lock (`fcntl.flock`; the file names its pid
 and host) from before it reads the output until it ends, so a second run on the same output
@@ -76,6 +84,7 @@ import sys
 import time
 from typing import Any
 
+from dllm_jax import draft_cli
 from dllm_jax.batch_io import (SETTINGS_FORMAT, append_records, bucket_length,  # noqa: F401
                                check_settings, id_key, make_batches, output_path, parse_line,
                                read_input, recover_output, settings_path)
@@ -129,6 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "OUTPUT.settings.json) instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_generation_options(p)
+    draft_cli.add_argument(p, " (loaded with --dtype; part of the recorded settings)")
 
 
 class _Rejects:
@@ -238,9 +248,15 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = bucket_length(args.batch_size, sizes["data"])
     bucket = math.lcm(args.bucket, sizes["seq"])
     gen, controller = decode_settings(args, str(model_dir))
+    draft_dir = None
+    if args.draft_model is not None:
+        draft_cli.refuse_unless_speculative(controller.verify is not None, args.controller)
+        draft_dir = draft_cli.resolve(args.draft_model)
     _, stored_dtype = load_config(model_dir)
     fingerprint = decode_fingerprint(args, gen)
     settings = {"--model": str(model_dir.absolute()),
+                # only when given: records of runs without a draft model lack the key
+                **({} if draft_dir is None else {draft_cli.FLAG: str(draft_dir.absolute())}),
                 "--dtype": dtype_name(args.dtype) if args.dtype else stored_dtype, **fingerprint}
     if per_host:
         out_path = output_path(os.path.expanduser(args.output), pidx, pcount)
@@ -294,6 +310,8 @@ def _run(args: argparse.Namespace) -> int:
             decoded = written = 0
             if pending:
                 sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
+                draft = (None if draft_dir is None else
+                         draft_cli.load(draft_dir, dtype=args.dtype, mesh=mesh))
                 if MH.is_multiprocess(mesh):
                     held, total = MH.restored_share(sess.params)
                     progress.line(f"batch: process {pidx}/{pcount} restored {held} of {total} "
@@ -314,7 +332,7 @@ def _run(args: argparse.Namespace) -> int:
                     decoded, written = _decode(sess, mesh, seqs, rows, gen, controller,
                                                out_path if writer else None, per_host,
                                                batch_size, bucket, jax.random.key(args.seed),
-                                               say, quiet)
+                                               say, quiet, draft)
                 except GenerateError as e:
                     raise UsageError(str(e)) from None
             MH.barrier(f"dllm-jax batch done: {args.output}")
@@ -336,11 +354,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _decode(sess: Any, mesh: Any, seqs: list[list[int]], rows: list[Any], gen: Any,
             controller: Any, out_path: str | None, per_host: bool, batch_size: int,
-            bucket: int, key: Any, say: Any, quiet: bool) -> tuple[int, int]:
+            bucket: int, key: Any, say: Any, quiet: bool, draft: Any = None
+            ) -> tuple[int, int]:
     """Decode `seqs` (one id list per row, ids `rows`) in length-bucketed batches `[B, P]`,
     B = `batch_size`, P a multiple of `bucket`; each finished batch's answers this process
     writes are appended to `out_path` (None: writes nothing), created at the first answer.
-    Returns (rows decoded, answers written)."""
+    `draft`: the draft model's session (`--draft-model`) or None. Returns (rows decoded,
+    answers written)."""
     from dllm_jax import multihost as MH
     from dllm_jax import progress
 
@@ -356,7 +376,7 @@ def _decode(sess: Any, mesh: Any, seqs: list[list[int]], rows: list[Any], gen: A
             length = min(length, sess.cfg.max_position - gen.gen_length)
             prompt, valid = sess.pad([seqs[i] for i in idx], width=length, rows=batch_size)
             out = sess.generate_ids(MH.feed(mesh, prompt), MH.feed(mesh, valid), gen,
-                                    controller, key=key)
+                                    controller, key=key, draft=draft)
             mine, host = MH.answers_rows(mesh, out, per_host)
             answers = sess.answers(host)
             records = [{"id": rows[idx[r]], **answers[r].to_json()}

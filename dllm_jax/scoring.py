@@ -57,8 +57,8 @@ def prompt_width(tokenizer: Any, instances: Sequence[Instance]) -> int:
 
 def decode_and_score(params: Any, cfg: ModelConfig, tokenizer: Any, task: Task,
                      instances: Sequence[Instance], gen: GenerateConfig, controller: Any, *,
-                     batch_size: int, width: int | None = None, key: Any = None
-                     ) -> list[Scored]:
+                     batch_size: int, width: int | None = None, key: Any = None,
+                     draft: tuple[Any, ModelConfig] | None = None) -> list[Scored]:
     """Decode every instance's prompt and score the answer with `task.score`.
 
     Args:
@@ -72,17 +72,21 @@ def decode_and_score(params: Any, cfg: ModelConfig, tokenizer: Any, task: Task,
       width: prompt columns (default: the longest prompt of `instances`); pass one width for
         several calls so that they share a compile.
       key: PRNG key of the decodes (None: `generate`'s default).
+      draft: (params, cfg) of a draft model for a speculative controller (`generate`'s
+        draft_params / draft_cfg), or None (self-drafting).
     Returns:
       one Scored per instance, in order.
     """
     return decode_and_score_mixed(params, cfg, tokenizer, [(task, x) for x in instances], gen,
-                                  controller, batch_size=batch_size, width=width, key=key)
+                                  controller, batch_size=batch_size, width=width, key=key,
+                                  draft=draft)
 
 
 def decode_and_score_mixed(params: Any, cfg: ModelConfig, tokenizer: Any,
                            items: Sequence[tuple[Task, Instance]], gen: GenerateConfig,
                            controller: Any, *, batch_size: int, width: int | None = None,
-                           key: Any = None) -> list[Scored]:
+                           key: Any = None, draft: tuple[Any, ModelConfig] | None = None
+                           ) -> list[Scored]:
     """`decode_and_score` over (task, instance) pairs that may belong to different tasks:
     rows of several tasks share each `generate` call, each answer is scored by its own task.
 
@@ -95,6 +99,7 @@ def decode_and_score_mixed(params: Any, cfg: ModelConfig, tokenizer: Any,
         return []
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    drafting = {} if draft is None else dict(draft_params=draft[0], draft_cfg=draft[1])
     seqs = [tokenizer.encode(inst.prompt) for _, inst in items]
     width = max(len(s) for s in seqs) if width is None else int(width)
     rows = min(int(batch_size), len(seqs))
@@ -103,7 +108,8 @@ def decode_and_score_mixed(params: Any, cfg: ModelConfig, tokenizer: Any,
     for start in range(0, len(seqs), rows):
         chunk = seqs[start:start + rows]
         ids, valid = left_pad(chunk, tokenizer.pad_id, width, rows)      # [rows, width]
-        res = generate(params, cfg, ids, gen, controller, prompt_valid=valid, key=key)
+        res = generate(params, cfg, ids, gen, controller, prompt_valid=valid, key=key,
+                       **drafting)
         tokens = np.asarray(res.tokens)[:len(chunk)]                     # [k, gen_length]
         nfes = np.asarray(res.stats.nfe)[:len(chunk)]                    # [k]
         for (task, inst), row, nfe in zip(items[start:start + rows], tokens, nfes):

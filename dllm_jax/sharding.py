@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dllm_jax import models
 from dllm_jax.config import ModelConfig
-from dllm_jax.mesh import (DEVICE_ORDER, MESH_AXES, ShardingError, format_mesh_spec,
+from dllm_jax.mesh import (ShardingError, format_mesh_spec,
                            make_mesh, mesh_sizes, parse_mesh_spec)
 
 

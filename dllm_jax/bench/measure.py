@@ -144,7 +144,8 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
              instances: Mapping[str, Sequence[Any]], settings: Sequence[Setting],
              layout: Layout, *, batch_size: int, model_dir: Any = None,
              time_budget: float | None = None, log: TextIO | None = None,
-             clock: Callable[[], float] = time.monotonic) -> BenchResult:
+             clock: Callable[[], float] = time.monotonic,
+             draft: tuple[Any, Any] | None = None) -> BenchResult:
     """Decode and score every task's instances under every setting, settings in list order.
 
     Args:
@@ -159,6 +160,9 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
         below it (a started setting always finishes). None: no limit.
       log: progress lines (one per setting) go here.
       clock: seconds (tests pass a fake one).
+      draft: (params, cfg) of a draft model (`--draft-model`): the speculative settings
+        (controller with `verify`, simsd) draft with it; the others ignore it. None: the
+        speculative settings self-draft.
     """
     from dllm_jax.config import GenerateConfig
     from dllm_jax.scoring import decode_and_score_mixed
@@ -185,9 +189,10 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
         start = clock()
         gen = GenerateConfig(gen_length=layout.gen_length, block_length=layout.block_length,
                              steps=st.steps(layout.gen_length), cache=st.cache_mode)
-        scored = decode_and_score_mixed(params, cfg, tokenizer, items, gen,
-                                        st.build(model_dir), batch_size=batch_size,
-                                        width=layout.width)
+        controller = st.build(model_dir)
+        scored = decode_and_score_mixed(
+            params, cfg, tokenizer, items, gen, controller, batch_size=batch_size,
+            width=layout.width, draft=draft if controller.verify is not None else None)
         offset = 0
         recs = []
         for name in tasks:

@@ -3,6 +3,7 @@
     dllm-jax bench quality [--model DIR] [--task-set v1|v2] [--tasks a,b] [--n 500] [--seed S]
         [--settings LABELS|FAMILIES] [--cache none|dual] [--json F.json] [--out F.md]
         [--plot F.png] [--batch-size N] [--time-budget SECONDS] [--quick]
+        [--draft-model DIR]
 
 For every task (held-out `split='test'` instances) and every controller setting
 (`bench.settings`: every family of issue 12 item 6, in priority order), decode all instances
@@ -21,6 +22,11 @@ the answer length (as the v1 bench did). v2 (answers of 64-256 tokens): semi-aut
 blocks of 32 (as LLaDA decodes long answers), or the model's block size for a block-diffusion
 (SDAR-style) model; the answer length is the model's (train_config) when a multiple of the
 block, else the longest answer of the chosen tasks + EOS rounded up to the block.
+
+Draft model: the speculative settings (`Setting.speculative`: the simsd ones) self-draft, or
+with `--draft-model DIR` draft with that model folder (same tokenizer), noted in the header;
+the other settings ignore it, and a run whose settings include no speculative one refuses
+it. Records keep their schema (the label says the setting, the header the draft model).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import sys
 import time
 from typing import Any, Mapping
 
-from dllm_jax import progress
+from dllm_jax import draft_cli, progress
 from dllm_jax.bench.measure import Layout, evaluate, make_instances
 from dllm_jax.bench.report import atomic_write_text, markdown, plot, records_json
 from dllm_jax.bench.settings import QUICK, all_settings, dedupe, select
@@ -174,6 +180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the markdown tables here")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here "
                                                 "(needs matplotlib)")
+    p.add_argument(draft_cli.FLAG, default=None, metavar="DIR",
+                   help="a smaller model folder with the same tokenizer that drafts for the "
+                        "speculative settings (simsd, simsd confidence; default: they "
+                        "self-draft); the other settings ignore it")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -201,13 +211,25 @@ def run(args: argparse.Namespace) -> int:
     spec = args.settings if args.settings is not None or quick is None else ",".join(quick.settings)
     settings = dedupe(s.with_run_cache(args.cache) for s in select(all_settings(), spec))
     n = args.n or (quick.n if quick is not None else DEFAULT_N)
+    draft_dir = None
+    if args.draft_model is not None:
+        speculative = [s.label for s in settings if s.speculative]
+        draft_cli.refuse_unless_speculative(
+            bool(speculative), "any of the chosen settings (" + ", ".join(
+                s.label for s in settings) + ")", uses="speculative settings (controller "
+            "simsd)", fix=f"add one (e.g. --settings simsd) or drop {draft_cli.FLAG}")
+        draft_dir = draft_cli.resolve(args.draft_model)
 
     instances = make_instances(tasks, n, args.seed)
     model = session.load(model_dir)
+    draft = None if draft_dir is None else draft_cli.load(draft_dir)
     tok = model.require_tokenizer()
     width = max(prompt_width(tok, insts) for insts in instances.values())
     layout, notes = choose_layout(task_set, tasks, width, model.cfg, model.answer_length,
                                   args.gen_length, args.block_length)
+    if draft is not None:
+        notes.append(f"the speculative settings ({', '.join(speculative)}) draft with the "
+                     f"model {draft.model_dir}.")
     trained_set = task_set_of(None, train_config)
     if train_config is not None and trained_set != task_set:
         notes.append(f"the model was trained on task set {trained_set}, not {task_set}.")
@@ -223,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         budget = max(0.0, total_budget - (time.monotonic() - t_start))
     res = evaluate(model.params, model.cfg, tok, tasks, instances, settings, layout,
                    batch_size=args.batch_size, model_dir=model.model_dir, time_budget=budget,
-                   log=log)
+                   log=log, draft=None if draft is None else (draft.params, draft.cfg))
     header = [f"Model `{model.model_dir.name}`, task set {task_set}, {n} held-out instances per "
               f"task (seed {args.seed}), answer {layout.gen_length} positions in blocks of "
               f"{layout.block_length}; accuracy = valid answers with Wilson 95 % intervals; "

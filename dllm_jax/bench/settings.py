@@ -26,6 +26,10 @@ tspd        TSPD fitted without the CE features (`tspd_noce.json`), tau fitted /
 tspd+ce     TSPD fitted with the CE features (`tspd.json`), tau fitted / 0.5 / 0.7 / 0.9
 dual        the dual-cache variants of llada k=1, threshold 0.9, ce, tspd and tspd+ce
             (label suffix " dual"; family: the base family + " dual")
+simsd       SimSD speculative draft-and-verify, greedy, draft order left_to_right (`simsd`)
+            and confidence (`simsd confidence`), self-drafting or drafting with the model of
+            `--draft-model DIR` (:attr:`Setting.speculative`), and `left_to_right` (one token
+            per step, the leftmost masked one: greedy left-to-right SimSD's exact tokens)
 ==========  =================================================================================
 
 Every setting of a run decodes with the run's block length (`bench.quality.choose_layout`),
@@ -112,6 +116,16 @@ class Setting:
                     f"{block_length} (gen_length {gen_length}).")
         return None
 
+    @property
+    def speculative(self) -> bool:
+        """Whether the controller verifies drafts (declares `verify`: simsd), so that it
+        drafts with `--draft-model` when one is given. Fitted controllers (tspd, ce_fitted)
+        commit by their own rule and are not built here (they read a file)."""
+        from controllers import get_spec
+
+        spec = get_spec(self.controller)
+        return not spec.fitted and spec.build(**dict(self.options)).verify is not None
+
     def controller_options(self, model_dir: str | os.PathLike | None) -> dict[str, Any]:
         """The options for `make_controller` (the fitted file resolved in `model_dir`)."""
         kw = dict(self.options)
@@ -173,6 +187,9 @@ def all_settings() -> list[Setting]:
     out += [Setting("ce t=0.7", "ce", "ce", (("threshold", 0.7),)), _ce_fitted(0.7)]
     out += [_tspd(True, tau) for tau in (0.5, 0.7, 0.9)]
     out += [_tspd(False, tau) for tau in (0.5, 0.7, 0.9)]
+    out += [Setting("left_to_right", "simsd", "left_to_right"),
+            Setting("simsd", "simsd", "simsd"),
+            Setting("simsd confidence", "simsd", "simsd", (("draft_order", "confidence"),))]
     labels = [s.label for s in out]
     assert len(set(labels)) == len(labels), "setting labels must be unique"
     return out

@@ -30,7 +30,7 @@ over the longer of the two and ``grammatical`` is 1 if the output parses as S (e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from .base import SPLITS, TEST_PERCENT, Instance, RngOrSeed, Task, make_rng, split_of
+from .base import TEST_PERCENT, Instance, Task, split_of
 
 CATEGORIES = ("lists", "reasoning", "puzzles", "text")
 

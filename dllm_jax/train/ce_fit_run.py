@@ -28,7 +28,7 @@ from controllers.baselines import LowConfidence, Threshold
 from controllers.ce_fitted import CEFit
 from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.train import ce_fit as C
-from dllm_jax.train.controller_fit import _batches, content_end, reference_config
+from dllm_jax.train.controller_fit import batches, content_end, reference_config
 
 
 def record_sequences(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
@@ -56,7 +56,7 @@ def record_sequences(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = No
     seqs: list[C.ObservationSequences] = []
     n_batches = -(-prompts.shape[0] // batch_size)
     pbar = progress.bar(n_batches * len(sources), "record", quiet=quiet, unit="decode")
-    for start, k, ids, ok in _batches(prompts, valid, batch_size):
+    for start, k, ids, ok in batches(prompts, valid, batch_size):
         ref_out = generate(params, cfg, ids, ref_gen, LowConfidence(), prompt_valid=ok, key=key)
         ref = np.asarray(ref_out.tokens)
         keep = np.zeros(ref.shape, bool)                         # [B, G]: real rows only

@@ -58,7 +58,7 @@ class Recording:
         return int(self.y.shape[0])
 
 
-def _batches(prompts: np.ndarray, valid: np.ndarray, batch_size: int
+def batches(prompts: np.ndarray, valid: np.ndarray, batch_size: int
              ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Fixed-size chunks (the last one padded with copies of its first row: rows never affect
     each other, and one shape means one compile). Yields (start, n_real, ids, valid)."""
@@ -183,7 +183,7 @@ def record(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = None, *,
 
     n_batches = -(-prompts.shape[0] // batch_size)
     pbar = progress.bar(n_batches * (1 + len(controllers)), "record", quiet=quiet, unit="decode")
-    for start, k, ids, ok in _batches(prompts, valid, batch_size):
+    for start, k, ids, ok in batches(prompts, valid, batch_size):
         ref_out = generate(params, cfg, ids, ref_gen, LowConfidence(), prompt_valid=ok, key=key)
         ref = np.asarray(ref_out.tokens)
         pbar.update(1)
@@ -355,5 +355,5 @@ def train_controller(params: Any, cfg: Any, prompts: Any, prompt_valid: Any = No
                     ce_filter=ce_filter, **fit_kwargs)
 
 
-__all__ = ["FEATURE_GROUPS", "Recording", "content_end", "dropped_columns", "fit_tspd", "record",
-           "reference_config", "replay_features", "train_controller", "weighted_loss"]
+__all__ = ["FEATURE_GROUPS", "Recording", "batches", "content_end", "dropped_columns", "fit_tspd",
+           "record", "reference_config", "replay_features", "train_controller", "weighted_loss"]
