@@ -4,7 +4,8 @@ Contract (other tools call exactly this):
 
     dllm-jax generate [PROMPT] [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3)
         [--gen-length N --block-length N --steps N --controller NAME --threshold X
-         --factor X --temperature X --cfg X --seed N --cache none|prefix|dual] [--json]
+         --factor X --temperature X --cfg X --seed N --cache none|prefix|dual
+         --draft-model DIR (simsd)] [--json]
 
 With --quantize int8 the model's matrices are quantised to int8 at load time
 (`dllm_jax.quant`).
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 
+from dllm_jax import draft_cli
 from dllm_jax.cli_options import UsageError, add_generation_options, decode_settings
 
 
@@ -41,9 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     add_generation_options(p)
-    p.add_argument("--draft-model", default=None, metavar="DIR",
-                   help="with --controller simsd: a smaller model folder with the same "
-                        "tokenizer that drafts the masked positions (default: self-drafting)")
+    draft_cli.add_argument(p)
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: quantise --model's matrices at load time (weight-only, per "
                         "output channel; activations in the stored dtype); default: the "
@@ -73,15 +73,14 @@ def run(args: argparse.Namespace) -> int:
     if (text is None) == (args.prompt_ids is None):
         raise UsageError("give exactly one of PROMPT/--prompt TEXT or --prompt-ids 1,2,3.")
     sess = session.load(args.model, quantize=args.quantize)
-    draft = (session.load(args.draft_model, flag="--draft-model")
-             if args.draft_model is not None else None)
     try:
         ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else sess.encode(
             text, chat=args.chat)
         gen, controller = decode_settings(args, str(sess.model_dir))
-        if draft is not None and controller.verify is None:
-            raise UsageError(f"--draft-model is used only by a speculative controller "
-                             f"(--controller simsd), not by {args.controller}; drop it.")
+        draft = None
+        if args.draft_model is not None:
+            draft_cli.refuse_unless_speculative(controller.verify is not None, args.controller)
+            draft = draft_cli.load(draft_cli.resolve(args.draft_model))
         if args.show_steps or args.trace_png:
             from dllm_jax import viz
             answer = viz.generate_showing_steps(
