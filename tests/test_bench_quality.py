@@ -64,8 +64,10 @@ def test_settings_cover_every_family_in_priority_order() -> None:
     assert th[0] == 0.5 and th[-1] == 0.99 and 0.9 in th
     assert {s.controller for s in ss if s.family == "dream"} == {"maskgit_plus", "topk_margin",
                                                                  "entropy"}
-    dual = [s for s in ss if s.cache == "dual"]
+    dual = [s for s in ss if s.cache == "dual" and s.family != "refresh"]
     assert dual and all(s.label.endswith(" dual") for s in dual)
+    cheaper = {(s.refresh_scope, s.refresh_blocks) for s in ss if s.family == "refresh"}
+    assert cheaper == {("answer", 1), ("full", 2)}
     # Every setting builds a valid controller (TSPD ones from the bundled model's files).
     from dllm_jax.pretrained import bundled_model_dir
 

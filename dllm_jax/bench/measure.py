@@ -173,6 +173,10 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
     runnable = []
     for st in settings:
         why = st.unavailable(model_dir, layout.gen_length, layout.block_length)
+        if why is None and cfg.block_causal and (st.refresh_scope, st.refresh_blocks) != (
+                "full", 1):
+            why = (f"{st.label}: a block-causal model's cache is exact; a cheaper refresh does "
+                   f"not apply.")
         if why is None:
             runnable.append(st)
         else:
@@ -188,7 +192,8 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, tasks: Mapping[str, Any],
             break
         start = clock()
         gen = GenerateConfig(gen_length=layout.gen_length, block_length=layout.block_length,
-                             steps=st.steps(layout.gen_length), cache=st.cache_mode)
+                             steps=st.steps(layout.gen_length), cache=st.cache_mode,
+                             refresh_scope=st.refresh_scope, refresh_blocks=st.refresh_blocks)
         controller = st.build(model_dir)
         scored = decode_and_score_mixed(
             params, cfg, tokenizer, items, gen, controller, batch_size=batch_size,

@@ -30,6 +30,9 @@ simsd       SimSD speculative draft-and-verify, greedy, draft order left_to_righ
             and confidence (`simsd confidence`), self-drafting or drafting with the model of
             `--draft-model DIR` (:attr:`Setting.speculative`), and `left_to_right` (one token
             per step, the leftmost masked one: greedy left-to-right SimSD's exact tokens)
+refresh     threshold 0.9 with the dual cache and a cheaper refresh (issue 14, item 3):
+            "answer-refresh" (the prompt's keys/values kept from the first forward) and
+            "refresh/2" (every second block start refreshes)
 ==========  =================================================================================
 
 Every setting of a run decodes with the run's block length (`bench.quality.choose_layout`),
@@ -68,6 +71,8 @@ class Setting:
         (TSPD's `tspd`, ce_fitted's `ce_file`); the setting is unavailable when the file is
         missing.
       fit_command: the command that makes the fitted file (named in the unavailable note).
+      refresh_scope, refresh_blocks: the cache's refresh (`GenerateConfig`; full, 1 =
+        Fast-dLLM's).
     """
 
     label: str
@@ -78,6 +83,8 @@ class Setting:
     cache: str | None = None
     fitted_file: tuple[str, str] | None = None
     fit_command: str = "dllm-jax train-controller"
+    refresh_scope: str = "full"
+    refresh_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.steps_divisor <= 0:
@@ -190,6 +197,10 @@ def all_settings() -> list[Setting]:
     out += [Setting("left_to_right", "simsd", "left_to_right"),
             Setting("simsd", "simsd", "simsd"),
             Setting("simsd confidence", "simsd", "simsd", (("draft_order", "confidence"),))]
+    out += [dataclasses.replace(_dual(t09), label="threshold 0.9 dual answer-refresh",
+                                family="refresh", refresh_scope="answer"),
+            dataclasses.replace(_dual(t09), label="threshold 0.9 dual refresh/2",
+                                family="refresh", refresh_blocks=2)]
     labels = [s.label for s in out]
     assert len(set(labels)) == len(labels), "setting labels must be unique"
     return out
