@@ -257,11 +257,14 @@ def group_hidden(params: Any, cfg: ModelConfig, gen: GenerateConfig, tokens: jax
     if kind == "cached":
         x = apply_with_references(params, cfg, region, ref_pos, mask, cache=cache, **kw)
     else:
-        x, kv = apply_with_references(
+        per_layer = isinstance(params["layers"], (list, tuple))
+        x, kv = apply_with_references(          # per-layer: written into the carried cache
             params, cfg, jnp.concatenate([tokens, region], axis=1),
             jnp.concatenate([positions, ref_pos], axis=1), mask, n_main=t,
-            main_mask=attention_mask(positions, positions, valid, bs), collect_kv=True, **kw)
-        cache = jax.tree.map(lambda a: a[:, :, :t].astype(cache.k.dtype), kv)
+            main_mask=attention_mask(positions, positions, valid, bs), collect_kv=True,
+            into=cache if per_layer else None, **kw)
+        cache = kv if per_layer else jax.tree.map(
+            lambda a: a[:, :, :t].astype(cache.k.dtype), kv)
         main, x = x[:, :t], x[:, t:]
     x = x.reshape(b2, groups, r, -1)
     hb, hn = x[:, :, :lb], x[:, :, lb:2 * lb] if want_next else None

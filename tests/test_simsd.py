@@ -317,6 +317,19 @@ def test_lossless_with_cache(arch: str, mode: str) -> None:
     assert (nfe <= nfe_ltr).all()
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_per_layer_refresh_writes_into_the_carried_cache(arch: str) -> None:
+    """The GPU layout (per-layer, fused weights): the verification refresh writes the main
+    sequence's keys/values into the carried cache; the decode equals the stacked layout's."""
+    from dllm_jax.models import unstack_layers
+
+    gen = GenerateConfig(gen_length=8, block_length=4, steps=8, cache="dual")
+    want, nfe_want, _ = _decode(arch, SIMSD, gen)
+    got, nfe, _ = _decode(arch, SIMSD, gen, params=unstack_layers(PARAMS[arch], fuse=True))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(nfe, nfe_want)
+
+
 def test_lossless_with_guidance_and_eos() -> None:
     params = dict(PARAMS["llada"], lm_head=PARAMS["llada"]["lm_head"].at[:, 1].add(0.6))
     for gen in (GenerateConfig(gen_length=8, block_length=4, steps=8, cfg_scale=1.0),

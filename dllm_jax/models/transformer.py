@@ -65,8 +65,9 @@ def run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, s
 
     Returns the final hidden states and, with collect_kv, the per-layer (post-RoPE) keys and
     values `[L, B, T, Hkv, hd]`: stacked into new arrays, or with `into` (a KVCache
-    `[L, B, >= T, Hkv, hd]`) written layer by layer into its first T entries, so that a cache
-    carried by the decode loop is updated in place instead of a second one built beside it.
+    `[L, B, C, Hkv, hd]`) written layer by layer into its first min(T, C) entries, so that a
+    cache carried by the decode loop is updated in place instead of a second one built beside
+    it (per-layer params; the stacked layout's scan builds its own).
     """
     def layer(x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
         lp, ck, cv = xs
@@ -77,10 +78,11 @@ def run_layers(cfg: ModelConfig, params: Params, x: jax.Array, cos: jax.Array, s
     layers = params["layers"]
     if isinstance(layers, (list, tuple)) and into is not None:
         k_all, v_all = into.k, into.v
+        n = min(x.shape[1], k_all.shape[2])     # a longer sequence keeps its first n entries
         for i, lp in enumerate(layers):
             x, (k, v) = layer(x, (lp, None, None))
-            k_all = k_all.at[i, :, :k.shape[1]].set(k.astype(k_all.dtype))
-            v_all = v_all.at[i, :, :v.shape[1]].set(v.astype(v_all.dtype))
+            k_all = k_all.at[i, :, :n].set(k[:, :n].astype(k_all.dtype))
+            v_all = v_all.at[i, :, :n].set(v[:, :n].astype(v_all.dtype))
         return x, (k_all, v_all)
     if isinstance(layers, (list, tuple)):
         kvs = []
@@ -207,7 +209,7 @@ def apply_with_references(params: Params, cfg: ModelConfig, tokens: jax.Array,
                           positions: jax.Array, mask: jax.Array, *, cache: KVCache | None = None,
                           n_main: int = 0, main_mask: jax.Array | None = None,
                           collect_kv: bool = False, attn_impl: AttentionImpl = "auto",
-                          mesh: Any = None) -> Any:
+                          mesh: Any = None, into: KVCache | None = None) -> Any:
     """Final hidden states (before the final norm) of tokens under explicit masks.
 
     Args:
@@ -222,7 +224,9 @@ def apply_with_references(params: Params, cfg: ModelConfig, tokens: jax.Array,
       n_main, main_mask: the main sequence attends only to itself, under `main_mask`
         `[B, n_main, n_main]` (so it is exactly a full forward of those tokens).
       collect_kv: also return every token's keys/values as a KVCache `[L, B, n_main + R,
-        Hkv, hd]` (the main sequence's are a refreshed cache).
+        Hkv, hd]` (the main sequence's are a refreshed cache); with `into` (a KVCache
+        `[L, B, n_main, Hkv, hd]`, per-layer params) only the main sequence's, written into it
+        in place.
     Returns:
       `[B, n_main + R, D]` hidden states (with collect_kv: and the KVCache);
       `layers.lm_logits` turns chosen rows into logits (a position's logits come from the
@@ -243,5 +247,5 @@ def apply_with_references(params: Params, cfg: ModelConfig, tokens: jax.Array,
         return jnp.concatenate([main, refs], axis=1)
 
     x, kv = run_layers(cfg, params, embed(params, tokens), cos, sin, attend, cache=cache,
-                       collect_kv=collect_kv)
+                       collect_kv=collect_kv, into=into if collect_kv else None)
     return (x, KVCache(k=kv[0], v=kv[1])) if collect_kv else x
