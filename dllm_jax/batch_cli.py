@@ -88,8 +88,9 @@ from dllm_jax import draft_cli
 from dllm_jax.batch_io import (SETTINGS_FORMAT, append_records, bucket_length,  # noqa: F401
                                check_settings, id_key, make_batches, output_path, parse_line,
                                read_input, recover_output, settings_path)
-from dllm_jax.cli_options import (UsageError, add_generation_options, check_number,
-                                  decode_fingerprint, decode_settings)
+from dllm_jax.cli_options import (UsageError, add_generation_options, add_quantize_option,
+                                  check_number, check_quantize, decode_fingerprint,
+                                  decode_settings)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BUCKET = 16
@@ -139,6 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_generation_options(p)
     draft_cli.add_argument(p, " (loaded with --dtype; part of the recorded settings)")
+    add_quantize_option(p)
 
 
 class _Rejects:
@@ -248,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = bucket_length(args.batch_size, sizes["data"])
     bucket = math.lcm(args.bucket, sizes["seq"])
     gen, controller = decode_settings(args, str(model_dir))
+    check_quantize(args.quantize)
     draft_dir = None
     if args.draft_model is not None:
         draft_cli.refuse_unless_speculative(controller.verify is not None, args.controller)
@@ -257,6 +260,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = {"--model": str(model_dir.absolute()),
                 # only when given: records of runs without a draft model lack the key
                 **({} if draft_dir is None else {draft_cli.FLAG: str(draft_dir.absolute())}),
+                **({} if args.quantize is None else {"--quantize": args.quantize}),
                 "--dtype": dtype_name(args.dtype) if args.dtype else stored_dtype, **fingerprint}
     if per_host:
         out_path = output_path(os.path.expanduser(args.output), pidx, pcount)
@@ -309,7 +313,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"{batch_size}.")
             decoded = written = 0
             if pending:
-                sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
+                sess = session.load(model_dir, dtype=args.dtype, mesh=mesh,
+                                    quantize=args.quantize)
                 draft = (None if draft_dir is None else
                          draft_cli.load(draft_dir, dtype=args.dtype, mesh=mesh))
                 if MH.is_multiprocess(mesh):

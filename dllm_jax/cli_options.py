@@ -152,6 +152,25 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     add_controller_options(p)
 
 
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    """`--quantize int8` (generate, batch, serve): checked with `check_quantize`."""
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="int8: quantise --model's matrices at load time (weight-only, per "
+                        "output channel; activations in the stored dtype / --dtype); default: "
+                        "the stored weights (a folder from `convert --quantize int8` is int8 "
+                        "already)")
+
+
+def check_quantize(value: str | None) -> None:
+    """UsageError naming --quantize for a value other than int8 (None: not given)."""
+    from dllm_jax import quant
+
+    try:
+        quant.check_mode(value, "--quantize")
+    except quant.QuantizationError as e:
+        raise UsageError(str(e)) from None
+
+
 def given_controller_options(args: argparse.Namespace) -> dict[str, Any]:
     """The controller options given on the command line (flags left at None are not)."""
     from controllers import shared_options

@@ -21,7 +21,8 @@ import json
 import sys
 
 from dllm_jax import draft_cli
-from dllm_jax.cli_options import UsageError, add_generation_options, decode_settings
+from dllm_jax.cli_options import (UsageError, add_generation_options, add_quantize_option,
+                                  check_quantize, decode_settings)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -44,11 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids")
     add_generation_options(p)
     draft_cli.add_argument(p)
-    p.add_argument("--quantize", default=None, metavar="int8",
-                   help="int8: quantise --model's matrices at load time (weight-only, per "
-                        "output channel; activations in the stored dtype); default: the "
-                        "stored weights (a folder from `convert --quantize int8` is int8 "
-                        "already)")
+    add_quantize_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--show-steps", action="store_true", help="print the answer after each "
                    "step, committed tokens in brackets (to stderr with --json)")
@@ -59,14 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from dllm_jax import quant, session
+    from dllm_jax import session
     from dllm_jax.decode import GenerateError
     from dllm_jax.tokenizer import TokenizerError
 
-    try:
-        quant.check_mode(args.quantize, "--quantize")
-    except quant.QuantizationError as e:
-        raise UsageError(str(e)) from None
+    check_quantize(args.quantize)
     text = args.prompt if args.prompt is not None else args.text
     if args.prompt is not None and args.text is not None:
         raise UsageError("give the prompt once: either as PROMPT or with --prompt.")

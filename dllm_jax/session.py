@@ -255,7 +255,9 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
       quantize: "int8": quantise the matrices at load time (`quant.quantize_params`: q/k/v/o,
         gate/up/down, lm_head; int8 per output channel, activations in `dtype`); peak memory
         is the float params plus the int8 ones. None: as stored (a folder written by
-        `dllm-jax convert --quantize int8` loads int8 either way).
+        `dllm-jax convert --quantize int8` loads int8 either way). On a `mesh` the int8
+        q / scale follow their weight's sharding rule (`sharding.param_axes`); an int8 folder
+        is restored onto the first device and then placed on the mesh.
       quantize_flag: the name of `quantize` in errors (the command-line flag).
       mesh: a `sharding.make_mesh` mesh: each device restores only its shards, and the params
         are laid out for it. None: one device.
@@ -269,14 +271,11 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
 
     quant.check_mode(quantize, quantize_flag)
     path = resolve_model_dir(model_dir, flag)
-    if quantize is not None or load_quantization(path)[0] is not None:
+    int8_folder = load_quantization(path)[0] is not None
+    if quantize is not None or int8_folder:
         quant.check_arch(load_config(path)[0].arch, quantize_flag)
-        if mesh is not None:
-            raise SessionError(f"int8 weights ({quantize_flag} int8 or an int8 folder) load on "
-                               f"one device only, not on a mesh; drop the mesh or "
-                               f"{quantize_flag}.")
     shardings = None
-    if mesh is not None:
+    if mesh is not None and not int8_folder:   # each device restores only its shards
         from dllm_jax import sharding as S
 
         cfg, _ = load_config(path)
@@ -284,6 +283,16 @@ def load(model_dir: str | os.PathLike | None = None, *, dtype: Any = None, mesh:
     cfg, params = load_model(path, dtype=dtype, shardings=shardings)
     if quantize == "int8":
         params = quant.quantize_params(params)
+    if mesh is not None and (quantize is not None or int8_folder):
+        import jax
+
+        if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+            raise SessionError(f"int8 weights ({quantize_flag} int8 or an int8 folder) are "
+                               f"placed from one process; a mesh over several processes needs "
+                               f"float weights: drop {quantize_flag} or convert without it.")
+        from dllm_jax import sharding as S    # int8 q / scale laid out as their weight's rule
+
+        params = S.shard_params(params, mesh)
     if layout not in ("auto", "stacked"):
         raise SessionError(f"layout must be 'auto' or 'stacked', got {layout!r}.")
     if layout == "auto" and cfg.arch != "diffusion_gemma":   # its stack has its own layout

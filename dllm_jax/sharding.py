@@ -119,11 +119,16 @@ def param_axes(params: Any, cfg: ModelConfig | None = None) -> Any:
     def axes(path: tuple[Any, ...], leaf: Any) -> tuple[str, ...]:
         name = _path_name(path)
         parts = name.split("/")
+        part = None                         # an int8 weight's "q" [.., in, out] / "scale" [.., out]
+        if parts[-1] in ("q", "scale") and parts[-1] not in table and len(parts) > 1:
+            part, parts = parts[-1], parts[:-1]
         key = parts[-1]
         if key not in table:
             raise ShardingError(f"parameter {name!r} has no logical axes; add it to its model "
                                 f"family's table (dllm_jax/models/).")
         ax = table[key]
+        if part == "scale":                 # one scale per output column
+            ax = (*ax[:-2], ax[-1])
         if parts[0] == "layers" and not (len(parts) == 3 and parts[1].isdigit()):
             ax = ("layers", *ax)            # stacked layout
         if len(ax) != len(leaf.shape):

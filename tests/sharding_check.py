@@ -13,6 +13,9 @@ summary on the last line of stdout:
              attention's shard_map)
   decode     [{mesh, arch, controller, cache, equal, nfe_equal, steps_equal}]  generate(mesh=)
              against the single-device generate, float32, greedy
+  int8       {"params": {mesh: {path: spec}}, "decode": [...]}  int8 weights (q and scale
+             sharded by their weight's rule) decoded on meshes against one device, through
+             generate and through session.load(quantize="int8", mesh=) of the bundled model
 
 Default decode matrix (kept cheap: each decode is one compile): every (mesh, cache mode)
 pair runs once, with the controller rotating over low_confidence / threshold / factor /
@@ -104,7 +107,33 @@ def check_attention(mesh: jax.sharding.Mesh) -> dict[str, float]:
 def check_params(mesh: jax.sharding.Mesh, params: dict) -> dict[str, list]:
     placed = S.shard_params(params, mesh)
     flat = jax.tree_util.tree_flatten_with_path(placed)[0]
-    return {"/".join(str(p.key) for p in path): _spec(leaf.sharding) for path, leaf in flat}
+    return {"/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path):
+            _spec(leaf.sharding) for path, leaf in flat}
+
+
+def check_int8(meshes: dict, cfg: ModelConfig, params: dict, prompt: np.ndarray,
+               valid: np.ndarray) -> dict:
+    """int8 params on meshes: their shardings, and decodes equal to one device's."""
+    from dllm_jax import quant, session
+
+    q8 = quant.quantize_params(params)
+    gen = GenerateConfig(gen_length=16, block_length=8, steps=8, cache="dual")
+    ctrl = make_controller("low_confidence")
+    ref = generate(q8, cfg, prompt, gen, ctrl, prompt_valid=valid)
+    rows = []
+    for mkey in ("2,2,2", "1,4,2"):
+        out = generate(q8, cfg, prompt, gen, ctrl, prompt_valid=valid, mesh=meshes[mkey])
+        rows.append({"mesh": mkey, "via": "generate",
+                     "equal": bool(np.array_equal(np.asarray(out.tokens), np.asarray(ref.tokens)))})
+    one = session.load(quantize="int8")
+    on_mesh = session.load(quantize="int8", mesh=meshes["2,2,2"])
+    ids = np.asarray([[5, 6, 7, 8, 9, 10, 11, 12]] * 8, np.int32)
+    gen32 = GenerateConfig(gen_length=32, block_length=32, steps=32)
+    a = generate(one.params, one.cfg, ids, gen32, ctrl)
+    b = generate(on_mesh.params, on_mesh.cfg, ids, gen32, ctrl, mesh=meshes["2,2,2"])
+    rows.append({"mesh": "2,2,2", "via": "session.load",
+                 "equal": bool(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)))})
+    return {"params": {k: check_params(meshes[k], q8) for k in ("1,4,2",)}, "decode": rows}
 
 
 def check_cache(mesh: jax.sharding.Mesh, cfg: ModelConfig, params: dict) -> dict[str, list]:
@@ -177,6 +206,7 @@ def main() -> None:
             "tokens_spec": _spec(out.tokens.sharding),
         })
     summary["decode"] = decode
+    summary["int8"] = check_int8(meshes, cfgs["llada"], params["llada"], prompt, valid)
     print(json.dumps(summary))
 
 

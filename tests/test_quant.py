@@ -176,6 +176,16 @@ def test_cli_flags(folders: tuple[Path, Path], capsys: pytest.CaptureFixture,
     assert rc == 0
     rc, out_f, _ = _cli(capsys, *run, "--model", str(int8_dir))
     assert rc == 0 and json.loads(out_q) == json.loads(out_f)
+    # batch takes --quantize too (recorded in its settings): the same tokens as generate
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt_ids": [5, 6, 7]}\n')
+    rc, _, err = _cli(capsys, "batch", "--model", str(float_dir), "--input",
+                      str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                      "--gen-length", "4", "--steps", "4", "--quantize", "int8")
+    assert rc == 0, err
+    row = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert row["tokens"] == json.loads(out_q)["tokens"]
+    settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert "int8" in json.dumps(settings)
     rc, out, err = _cli(capsys, *run, "--model", str(float_dir), "--quantize", "int4")
     assert rc == 2 and out == ""
     assert err.startswith("error: --quantize must be int8") and "e.g. --quantize int8" in err

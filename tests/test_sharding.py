@@ -192,3 +192,11 @@ def test_sharded_decode_equals_single_device(summary: dict) -> None:
     for r in rows:
         assert r["no_mask_left"], r
         assert r["equal"] and r["nfe_equal"] and r["steps_equal"], r
+    # int8: q split like its weight (columns over model for q_proj, rows for o_proj), the
+    # scale like the weight's output axis; decodes equal one device's
+    int8 = summary["int8"]["params"]["1,4,2"]
+    assert int8["layers/q_proj/q"] == [None, None, "model"], int8
+    assert int8["layers/q_proj/scale"] == [None, "model"], int8
+    assert int8["layers/o_proj/q"] == [None, "model"], int8
+    assert int8["layers/o_proj/scale"] == [], int8
+    assert [r["equal"] for r in summary["int8"]["decode"]] == [True, True, True]

@@ -22,7 +22,8 @@ import signal
 import sys
 
 from dllm_jax.cli_options import (DEFAULT_GEN_LENGTH, UsageError, add_generation_options,
-                                  decode_settings, given_controller_options)
+                                  add_quantize_option, check_quantize, decode_settings,
+                                  given_controller_options)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="params dtype (default: as stored)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     add_generation_options(p)
+    add_quantize_option(p)
 
 
 def serve_defaults(args: argparse.Namespace, model_dir: str):  # -> ServeDefaults
@@ -56,6 +58,7 @@ def serve_defaults(args: argparse.Namespace, model_dir: str):  # -> ServeDefault
     from dllm_jax.serve.protocol import ServeDefaults
 
     decode_settings(args, model_dir)  # UsageError for a bad flag, as in `generate`
+    check_quantize(args.quantize)
     if args.refresh_scope != "full" or args.refresh_blocks != 1:
         raise UsageError("--refresh-scope / --refresh-blocks are options of generate, batch "
                          "and bench; the server's block-level decode refreshes the full "
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             mesh = S.make_mesh(args.mesh)
         except S.ShardingError as e:
             raise UsageError(f"--mesh: {e}") from None
-    sess = session.load(model_dir, dtype=args.dtype, mesh=mesh)
+    sess = session.load(model_dir, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     app = create_app(sess, served_model_name=args.served_model_name, defaults=defaults,
                      max_batch=args.max_batch, bucket=args.bucket, max_queue=args.max_queue,
                      request_timeout=args.request_timeout,
