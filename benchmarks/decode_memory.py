@@ -47,14 +47,28 @@ def model_config(name: str) -> ModelConfig:
                      f"got {name!r}.")
 
 
-def abstract_params(cfg: ModelConfig, layout: str, dtype: str) -> object:
-    shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
+def to_layout(params: object, layout: str, quantize: bool = False) -> object:
+    """Stacked params -> (int8 with `quantize`, as `session.load(quantize="int8")`) the
+    decode's layout ("stacked", "per-layer" = fused per-layer, "auto" = `decode_layout`)."""
+    from dllm_jax import quant
+
+    if quantize:
+        params = quant.quantize_params(params)
     if layout == "stacked":
-        return shapes
+        return params
     if layout == "per-layer":
-        return jax.eval_shape(lambda p: M.unstack_layers(p, fuse=True), shapes)
-    return jax.eval_shape(M.decode_layout, shapes)
+        return M.unstack_layers(params, fuse=True)
+    return M.decode_layout(params)
+
+
+def stacked_shapes(cfg: ModelConfig, dtype: str) -> object:
+    shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
+
+
+def abstract_params(cfg: ModelConfig, layout: str, dtype: str, quantize: bool = False
+                    ) -> object:
+    return jax.eval_shape(lambda p: to_layout(p, layout, quantize), stacked_shapes(cfg, dtype))
 
 
 def random_params(abstract: object, seed: int = 0) -> object:
@@ -124,10 +138,11 @@ def fast_dllm_floor_s(cfg: ModelConfig, gen: GenerateConfig, batch: int, prompt:
 
 
 def measure(cfg: ModelConfig, gen: GenerateConfig, batch: int, prompt: int, layout: str,
-            dtype: str, params: object = None, repeats: int = 0) -> dict[str, float]:
+            dtype: str, params: object = None, repeats: int = 0, quantize: bool = False
+            ) -> dict[str, float]:
     """Buffer-assignment memory (GiB) of one decode; with `params` (real arrays) and
     `repeats` > 0 also its timing and the device's peak."""
-    abstract = abstract_params(cfg, layout, dtype)
+    abstract = abstract_params(cfg, layout, dtype, quantize)
     ctrl = make_controller("low_confidence")
     args = (abstract, jax.ShapeDtypeStruct((batch, prompt), jnp.int32),
             jax.ShapeDtypeStruct((batch, prompt), jnp.bool_), jax.random.key(0), ctrl)
@@ -175,6 +190,12 @@ def main() -> None:
     ap.add_argument("--run", action="store_true",
                     help="also run each decode on random weights: tok/s and the device's peak")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per batch with --run")
+    ap.add_argument("--refresh-scope", default="full", choices=("full", "answer"),
+                    help="the cache's block-start refresh (GenerateConfig.refresh_scope)")
+    ap.add_argument("--refresh-blocks", type=int, default=1,
+                    help="refresh every K-th block start (GenerateConfig.refresh_blocks)")
+    ap.add_argument("--quantize", default=None, choices=("int8",),
+                    help="int8 weight-only matrices (dllm_jax.quant), activations in --dtype")
     ap.add_argument("--floors", action="store_true",
                     help="with --run: measure peak FLOP/s and bandwidth and print each batch's "
                          "Fast-dLLM dual-cache floor (fast_dllm_floor_s) beside its tok/s")
@@ -185,16 +206,20 @@ def main() -> None:
     if cfg.block_causal:
         cfg = dataclasses.replace(cfg, block_size=args.block)
     gen = GenerateConfig(gen_length=args.gen, block_length=args.block,
-                         steps=args.steps or args.gen // 4, cache=args.cache)
+                         steps=args.steps or args.gen // 4, cache=args.cache,
+                         refresh_scope=args.refresh_scope, refresh_blocks=args.refresh_blocks)
     print(f"# {args.model}, prompt {args.prompt}, answer {args.gen}, block {args.block}, "
-          f"cache {args.cache}, layout {args.layout}, {args.dtype}, backend {jax.default_backend()}")
+          f"cache {args.cache} (refresh {args.refresh_scope}, every {args.refresh_blocks} "
+          f"block(s)), layout {args.layout}, {args.dtype}"
+          f"{' int8 weights' if args.quantize else ''}, backend {jax.default_backend()}")
     params, floors = None, None
     if args.floors:
         floors = measure_floors()
         print(f"# floors: bf16 matmul {floors['flops'] / 1e12:.0f} TFLOP/s, "
               f"bandwidth {floors['bw'] / 1e12:.2f} TB/s", flush=True)
     if args.run:
-        params = random_params(abstract_params(cfg, args.layout, args.dtype))
+        params = to_layout(random_params(stacked_shapes(cfg, args.dtype)), args.layout,
+                           args.quantize == "int8")
     cols = "| batch | weights GiB | one cache GiB | XLA temp GiB | peak GiB | peak / floor |"
     if args.run:
         cols += " answer tok/s | ms / forward | NFE | device peak GiB |"
@@ -205,7 +230,7 @@ def main() -> None:
     for b in sorted(args.batch) if args.run else args.batch:
         try:
             r = measure(cfg, gen, b, args.prompt, args.layout, args.dtype, params,
-                        args.repeats if args.run else 0)
+                        args.repeats if args.run else 0, args.quantize == "int8")
         except Exception as e:  # noqa: BLE001 (an allocation failure ends this batch's row)
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
