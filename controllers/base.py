@@ -22,7 +22,7 @@ decode loop keeps only commits on masked positions of unfinished rows.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,18 @@ class Controller(Protocol):
 
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any
                ) -> tuple[jax.Array, Any]: ...
+
+
+class Stateless:
+    """Base of the controllers that keep no state between steps, read no CE filter and do not
+    speculate: `trajectory_filter` and `verify` are None and `init` returns `()`. (Subclasses
+    are `flax.struct.dataclass`es; these are class attributes, not fields.)"""
+
+    trajectory_filter: ClassVar[None] = None
+    verify: ClassVar[None] = None
+
+    def init(self, batch: int, block: int) -> Any:
+        return ()
 
 
 def rank_descending(score: jax.Array) -> jax.Array:

@@ -16,14 +16,14 @@ Every controller sees the active block only: `Features` are `[B, Lb]`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from controllers.base import at_least_one, top_k_commit
+from controllers.base import Stateless, at_least_one, top_k_commit
 from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.state import BlockContext, Features, Trajectory
 
@@ -39,7 +39,7 @@ def llada_transfer_count(masked_at_start: jax.Array, step: jax.Array, steps: int
 
 
 @struct.dataclass
-class LowConfidence:
+class LowConfidence(Stateless):
     """LLaDA remasking: commit the `k_s` most confident (or random) masked tokens per step.
 
     remasking: "low_confidence" (softmax probability of the candidate) or "random".
@@ -47,12 +47,6 @@ class LowConfidence:
 
     remasking: str = struct.field(pytree_node=False, default="low_confidence")
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         if self.remasking == "random":
             score = jax.random.uniform(ctx.key, feats.confidence.shape, jnp.float32)
@@ -64,7 +58,7 @@ class LowConfidence:
 
 
 @struct.dataclass
-class Threshold:
+class Threshold(Stateless):
     """Fast-dLLM: commit every masked token with confidence >= threshold; at least the best one.
 
     The original keeps the top-1 and drops the others only when confidence < threshold, so a
@@ -73,19 +67,13 @@ class Threshold:
 
     threshold: float = struct.field(pytree_node=False, default=0.9)
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         commit = feats.masked & (feats.confidence >= self.threshold)
         return at_least_one(commit, feats.confidence, feats.masked), state
 
 
 @struct.dataclass
-class LowConfidenceDynamic:
+class LowConfidenceDynamic(Stateless):
     """SDAR's `low_confidence_dynamic` (JetAstra/SDAR `block_diffusion_generate`): every
     masked token with confidence > threshold when there are at least the step's quota of
     them (LLaDA's transfer count of the block), else the quota's most confident. (SDAR's
@@ -93,12 +81,6 @@ class LowConfidenceDynamic:
 
     threshold: float = struct.field(pytree_node=False, default=0.9)
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         k = llada_transfer_count(ctx.masked_at_block_start, ctx.block_step, ctx.steps_per_block)
         high = feats.masked & (feats.confidence > self.threshold)
@@ -126,17 +108,11 @@ def factor_commit_count(sorted_conf: jax.Array, n_masked: jax.Array, factor: flo
 
 
 @struct.dataclass
-class Factor:
+class Factor(Stateless):
     """Fast-dLLM's factor rule: commit the n most confident while c_n >= 1 - factor / (n + 1)."""
 
     factor: float = struct.field(pytree_node=False, default=1.0)
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         score = jnp.where(feats.masked, feats.confidence, -jnp.inf)
         sorted_conf = -jnp.sort(-score, axis=-1)
@@ -166,7 +142,7 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 @struct.dataclass
-class DreamOrder:
+class DreamOrder(Stateless):
     """Dream's `_sample` orders on the time grid t = linspace(1, eps, S + 1).
 
     At step s of a block (times t > u): `origin` commits each masked token with probability
@@ -182,12 +158,6 @@ class DreamOrder:
     eps: float = struct.field(pytree_node=False, default=1e-3)
     alg_temp: float = struct.field(pytree_node=False, default=0.0)
     sampler: str = struct.field(pytree_node=False, default="dream")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def _times(self, ctx: BlockContext) -> tuple[jax.Array, jax.Array, jax.Array]:
         grid = jnp.asarray(torch_linspace_f32(1.0, self.eps, ctx.steps_per_block + 1))
         s = jnp.minimum(ctx.block_step, ctx.steps_per_block - 1)

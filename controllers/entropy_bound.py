@@ -25,13 +25,13 @@ re-decided at every step); their stability idea is already the adaptive stop's r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from controllers.base import at_least_one
+from controllers.base import Stateless, at_least_one
 from controllers.registry import ControllerOptions, option, register, require
 from dllm_jax.state import BlockContext, Features, Trajectory
 
@@ -58,7 +58,7 @@ def entropy_bound_accept(ent: jax.Array, bound: float, eligible: jax.Array | Non
 
 
 @struct.dataclass
-class EntropyBound:
+class EntropyBound(Stateless):
     """Commit the lowest-entropy masked tokens within an entropy budget (module docstring);
     the canvas fields are read only by DiffusionGemma's sampler."""
 
@@ -69,12 +69,6 @@ class EntropyBound:
     canvas_t_min: float = struct.field(pytree_node=False, default=0.4)
     canvas_t_max: float = struct.field(pytree_node=False, default=0.8)
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         commit = entropy_bound_accept(feats.entropy, self.entropy_bound, feats.masked)
         return at_least_one(commit, -feats.entropy, feats.masked), state

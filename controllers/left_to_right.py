@@ -7,12 +7,13 @@ left_to_right (`controllers/simsd.py`) commits exactly its tokens, with fewer fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from controllers.base import Stateless
 from controllers.registry import ControllerOptions, register
 from dllm_jax.state import BlockContext, Features, Trajectory
 
@@ -23,16 +24,10 @@ def leftmost(masked: jax.Array) -> jax.Array:
 
 
 @struct.dataclass
-class LeftToRight:
+class LeftToRight(Stateless):
     """Commit the leftmost masked token of the block at every step."""
 
     sampler: str = struct.field(pytree_node=False, default="llada")
-    trajectory_filter: ClassVar[None] = None
-    verify: ClassVar[None] = None
-
-    def init(self, batch: int, block: int) -> Any:
-        return ()
-
     def decide(self, feats: Features, traj: Trajectory, ctx: BlockContext, state: Any):
         return leftmost(feats.masked), state
 
