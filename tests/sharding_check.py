@@ -55,9 +55,11 @@ MESHES = {"8,1,1": "data=8,model=1,seq=1", "2,2,2": "data=2,model=2,seq=2",
 CACHES = ("none", "prefix", "dual")
 ROTATION = ("low_confidence", "threshold", "factor", "maskgit_plus")
 # One more run each for the other controllers (random draws its scores from the PRNG: the
-# sharded decode must draw the same ones).
+# sharded decode must draw the same ones); SimSD's verification forwards on a data/model/seq
+# mesh with the dual cache and sequence-parallel without one.
 EXTRA = (("1,1,8", "random", "none"), ("8,1,1", "entropy", "prefix"),
-         ("2,2,2", "ce", "prefix"), ("1,4,2", "r2", "dual"))
+         ("2,2,2", "ce", "prefix"), ("1,4,2", "r2", "dual"), ("2,2,2", "simsd", "dual"),
+         ("1,1,8", "simsd", "none"))
 
 
 def tiny(arch: str) -> ModelConfig:

@@ -188,7 +188,7 @@ def test_sharded_decode_equals_single_device(summary: dict) -> None:
     assert {r["cache"] for r in rows} == {"none", "prefix", "dual"}
     for name in ("low_confidence", "threshold", "factor", "maskgit_plus"):
         assert {r["cache"] for r in rows if r["controller"] == name} == {"none", "prefix", "dual"}
-    assert {"random", "entropy"} <= {r["controller"] for r in rows}
+    assert {"random", "entropy", "simsd"} <= {r["controller"] for r in rows}
     for r in rows:
         assert r["no_mask_left"], r
         assert r["equal"] and r["nfe_equal"] and r["steps_equal"], r
