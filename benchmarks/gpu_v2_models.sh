@@ -10,10 +10,18 @@ set -uo pipefail
 out=${1:?OUT}; train_s=${2:-240}; bench_s=${3:-150}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
 settings="llada k=1,threshold 0.9,ce,threshold 0.9 dual,ce dual,llada k=2,threshold 0.7,threshold 0.95,r2,factor 1.0,dream maskgit_plus k=2,threshold 0.8,llada k=4,threshold 0.5,threshold 0.99,llada k=1 dual"
+# cuDNN's fused attention in the training step if a 2-step probe trains with it (block-causal
+# masks included), else XLA's (benchmarks/RESULTS.md: XLA's scores dominate the step's bytes).
+attn=xla; rm -rf /tmp/attn-probe /tmp/attn-probe-ckpt
+if timeout 180 python -m dllm_jax.cli train --out /tmp/attn-probe --task-set v2 --model-size bench \
+     --steps 2 --batch-size 8 --pool-size 64 --compute-dtype bfloat16 --attn-impl cudnn --block-diffusion \
+     --block-size 4 --log-every 1 --ckpt-every 2 > "$out/attn-probe.log" 2>&1; then attn=cudnn; fi
+echo "training attention: $attn"
 train() {  # name, extra flags
   python benchmarks/train_bundled.py --out "$out/$1" --task-set v2 --model-size bench \
     --budget "$train_s" --pool-file .pool/v2-20k.npz --pool-size 20000 --batch-size 512 \
-    --lr 1.5e-3 --log-every 100 --save-dtype bfloat16 --eval-n 0 --ckpt-dir "/tmp/ckpt-$1" "${@:2}" \
+    --lr 1.5e-3 --log-every 100 --save-dtype bfloat16 --eval-n 0 --ckpt-dir "/tmp/ckpt-$1" \
+    --attn-impl "$attn" "${@:2}" \
     > "$out/$1/log" 2>&1
 }
 bench() {  # name

@@ -38,6 +38,8 @@ def main() -> int:
                     help="held-out instances per task scored after training (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compute-dtype", default="bfloat16")
+    ap.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn", "auto"),
+                    help="attention of the training step (cudnn: GPU, bf16)")
     ap.add_argument("--max-steps", type=int, default=1_000_000)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, small pool")
     ap.add_argument("--task-set", choices=("v1", "v2"), default="v1")
@@ -74,6 +76,7 @@ def main() -> int:
                       warmup=args.log_every, seed=args.seed, pool_size=args.pool_size,
                       log_every=args.log_every, ckpt_every=10 * args.log_every,
                       compute_dtype=args.compute_dtype, task_set=args.task_set,
+                      attn_impl=args.attn_impl,
                       block_diffusion=args.block_size > 0, **lengths)
     make = MODEL_SIZES["tiny" if args.tiny else args.model_size]
     model_cfg = make(prompt_length=cfg.prompt_length, answer_length=cfg.answer_length,

@@ -209,6 +209,10 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "m"), "--steps", "10", "--warmup", "20"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --warmup")
+    assert main(["train", "--out", str(tmp_path / "m"), "--steps", "10", "--attn-impl",
+                 "cudnn"]) == 2                      # CPU, float32: refused in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attn-impl cudnn" in err[0] and not (tmp_path / "m").exists()
 
 
 def test_bundled_model_is_the_generate_default(capsys):

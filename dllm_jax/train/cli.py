@@ -23,7 +23,8 @@ TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
                "ckpt_every": "--ckpt-every", "log_every": "--log-every",
                "pool_size": "--pool-size", "prompt_length": "--prompt-length",
                "answer_length": "--answer-length", "block_diffusion": "--block-diffusion",
-               "compute_dtype": "--compute-dtype", "task_set": "--task-set"}
+               "compute_dtype": "--compute-dtype", "task_set": "--task-set",
+               "attn_impl": "--attn-impl"}
 from dllm_jax.train.evaluation import evaluate, format_results
 from dllm_jax.train.loop import train
 
@@ -74,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=d.compute_dtype,
                    help=f"dtype of the forward / backward matmuls (params and optimiser state "
                         f"stay float32; default {d.compute_dtype})")
+    p.add_argument("--attn-impl", choices=("xla", "cudnn", "auto"), default=d.attn_impl,
+                   help="attention of the training forward / backward: xla (portable, "
+                        "materialises the [B, H, T, T] scores in query chunks), cudnn (the "
+                        "fused flash kernel: GPU, bf16), auto (cudnn where it applies); "
+                        f"default {d.attn_impl}")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the params in the model folder written at the end "
                         "(default float32)")
@@ -126,6 +132,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     check_number(args.seed, "--seed", minimum=0)
     check_number(args.time_limit, "--time-limit", minimum=0, low_open=True, example=600)
     check_number(args.eval, "--eval", minimum=0, example=32)
+    if args.attn_impl == "cudnn":
+        import jax
+
+        if jax.default_backend() != "gpu" or args.compute_dtype != "bfloat16":
+            raise TrainError("--attn-impl cudnn is cuDNN's flash kernel: it needs a GPU and "
+                             "--compute-dtype bfloat16; use --attn-impl xla (or auto) here.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             eps=args.eps, ckpt_every=args.ckpt_every, log_every=args.log_every,
             pool_size=args.pool_size, tasks=tasks, prompt_length=prompt_length,
             answer_length=answer_length, block_diffusion=args.block_diffusion,
-            compute_dtype=args.compute_dtype, task_set=args.task_set)
+            compute_dtype=args.compute_dtype, task_set=args.task_set, attn_impl=args.attn_impl)
     except TrainError as e:
         raise TrainError(flag_message(str(e), TRAIN_FLAGS)) from None
     try:
