@@ -193,6 +193,31 @@ def test_n_seed_and_stop(sess, client) -> None:
     assert s["choices"][0]["text"] == "1 4" and s["choices"][0]["finish_reason"] == "stop"
 
 
+def test_draft_model_drafts_for_simsd_requests(sess) -> None:
+    """`serve --draft-model`: requests with controller simsd draft with the draft model (a
+    random one here, so its drafts are rarely accepted: more forwards than self-drafting,
+    the same tokens, since greedy SimSD is lossless)."""
+    import dataclasses
+
+    import jax
+
+    from dllm_jax import models
+
+    draft = dataclasses.replace(sess, params=models.decode_layout(
+        models.init_params(sess.cfg, jax.random.key(11))))
+    with serving(sess, max_batch=4, draft=draft) as (base, _app):
+        with httpx.Client(base_url=base, timeout=120) as c:
+            r = c.post("/v1/completions", json={"prompt": PROMPTS[0], "controller": "simsd"})
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]
+    gen, ctrl, seed = generate_settings("--controller", "simsd")
+    key = jax.random.key(seed)
+    [want] = sess.generate([PROMPTS[0]], gen, ctrl, key=key, draft=draft)
+    [own] = sess.generate([PROMPTS[0]], gen, ctrl, key=key)
+    assert (got["dllm"]["tokens"], got["dllm"]["nfe"]) == (want.tokens, want.nfe)
+    assert want.tokens == own.tokens and want.nfe != own.nfe
+
+
 def test_models_health_metrics(client) -> None:
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [

@@ -75,7 +75,8 @@ class Server:
 
     def __init__(self, sess: Any, *, served_model_name: str | None, defaults: ServeDefaults,
                  max_batch: int, bucket: int, max_queue: int, request_timeout: float,
-                 batch_wait: float, on_block: Callable[[], None] | None = None) -> None:
+                 batch_wait: float, on_block: Callable[[], None] | None = None,
+                 draft: Any = None) -> None:
         self.session = with_chat_template(sess)
         self.model_name = served_model_name or self.session.model_dir.name
         self.defaults = defaults
@@ -83,7 +84,7 @@ class Server:
         self.metrics = Metrics(max_batch)
         self.engine = Engine(self.session, max_batch=max_batch, bucket=bucket,
                              max_queue=max_queue, batch_wait=batch_wait, metrics=self.metrics,
-                             on_block=on_block)
+                             on_block=on_block, draft=draft)
         self.metrics.max_batch = self.engine.max_batch
         self.created = int(time.time())
 
@@ -246,16 +247,18 @@ class Server:
 def create_app(sess: Any, *, served_model_name: str | None = None,
                defaults: ServeDefaults | None = None, max_batch: int = 8, bucket: int = 16,
                max_queue: int = 256, request_timeout: float = 600.0,
-               batch_wait: float = 0.0, on_block: Callable[[], None] | None = None
-               ) -> FastAPI:
+               batch_wait: float = 0.0, on_block: Callable[[], None] | None = None,
+               draft: Any = None) -> FastAPI:
     """The FastAPI app serving `sess` (a `session.Session`). `app.state.server` holds the
     Server (engine, metrics). The engine thread starts with the app (or at the first
     request) and stops at shutdown: queued requests then get a 503. `on_block`: called
-    by the scheduler thread between two blocks (see `Engine`)."""
+    by the scheduler thread between two blocks (see `Engine`). `draft`: a draft model's
+    Session (same tokenizer, same mesh) for the requests whose controller is speculative
+    (`simsd`); None: they self-draft."""
     server = Server(sess, served_model_name=served_model_name,
                     defaults=defaults or ServeDefaults(), max_batch=max_batch, bucket=bucket,
                     max_queue=max_queue, request_timeout=request_timeout,
-                    batch_wait=batch_wait, on_block=on_block)
+                    batch_wait=batch_wait, on_block=on_block, draft=draft)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ import argparse
 import signal
 import sys
 
+from dllm_jax import draft_cli
 from dllm_jax.cli_options import (DEFAULT_GEN_LENGTH, UsageError, add_generation_options,
                                   add_quantize_option, check_quantize, decode_settings,
                                   given_controller_options)
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     add_generation_options(p)
     add_quantize_option(p)
+    draft_cli.add_argument(p, " (used by the requests whose controller is simsd; loaded with "
+                              "--dtype on --mesh)")
 
 
 def serve_defaults(args: argparse.Namespace, model_dir: str):  # -> ServeDefaults
@@ -99,8 +102,11 @@ def run(args: argparse.Namespace) -> int:
             mesh = S.make_mesh(args.mesh)
         except S.ShardingError as e:
             raise UsageError(f"--mesh: {e}") from None
+    draft_dir = None if args.draft_model is None else draft_cli.resolve(args.draft_model)
     sess = session.load(model_dir, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+    draft = None if draft_dir is None else draft_cli.load(draft_dir, dtype=args.dtype, mesh=mesh)
     app = create_app(sess, served_model_name=args.served_model_name, defaults=defaults,
+                     draft=draft,
                      max_batch=args.max_batch, bucket=args.bucket, max_queue=args.max_queue,
                      request_timeout=args.request_timeout,
                      batch_wait=args.batch_wait_ms / 1000.0)

@@ -60,7 +60,7 @@ class Engine:
     def __init__(self, session: Any, *, max_batch: int = 8, bucket: int = 16,
                  max_queue: int = 256, batch_wait: float = 0.0,
                  metrics: Metrics | None = None,
-                 on_block: Callable[[], None] | None = None) -> None:
+                 on_block: Callable[[], None] | None = None, draft: Any = None) -> None:
         data, seq = 1, 1
         if session.mesh is not None:
             from dllm_jax import sharding as S
@@ -68,6 +68,7 @@ class Engine:
             sizes = S.mesh_sizes(session.mesh)
             data, seq = sizes["data"], sizes["seq"]
         self.session = session
+        self.draft = draft          # a draft model's Session for speculative requests, or None
         self.max_batch = bucket_length(max(1, int(max_batch)), data)
         self.bucket = math.lcm(max(1, int(bucket)), seq)
         self.max_queue = int(max_queue)
@@ -227,7 +228,7 @@ class Engine:
                         self._run_lane(jobs)
                     else:
                         decode_whole(self.session, jobs, self.max_batch, self.bucket,
-                                     self.metrics)
+                                     self.metrics, draft=self.draft)
                 except BaseException as e:  # noqa: BLE001 - every waiting request gets it
                     err = e if isinstance(e, ApiError) else ApiError(
                         500, f"the decode failed: {type(e).__name__}: {e}",

@@ -224,11 +224,12 @@ class Lane:
 
 
 def decode_whole(session: Any, jobs: list[Job], max_batch: int, bucket: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, draft: Any = None) -> None:
     """Decode `jobs` (equal settings) in one `Session.generate_ids` call, padded to
     `max_batch` rows (speculative controllers, a session on a mesh, DiffusionGemma): the
     rows' listeners get the whole denoising at the end (confidences from the loop's trace;
-    none from a canvas decode), then the futures resolve."""
+    none from a canvas decode), then the futures resolve. `draft`: the draft model's Session,
+    used when the jobs' controller is speculative (`serve --draft-model`)."""
     import jax
 
     head = jobs[0].settings
@@ -240,8 +241,9 @@ def decode_whole(session: Any, jobs: list[Job], max_batch: int, bucket: int,
     width = width_ladder(max(map(len, seqs)), bucket, limit)
     ids, valid = session.pad(seqs, width=width, rows=max_batch)
     t0 = time.perf_counter()
-    out = session.generate_ids(ids, valid, gen, jobs[0].controller,
-                               key=jax.random.key(head.seed))
+    ctrl = jobs[0].controller
+    out = session.generate_ids(ids, valid, gen, ctrl, key=jax.random.key(head.seed),
+                               draft=draft if ctrl.verify is not None else None)
     tokens, nfe = np.asarray(out.tokens), np.asarray(out.stats.nfe)
     fix, steps = np.asarray(out.stats.fix_step), int(out.stats.steps)
     seconds = time.perf_counter() - t0
