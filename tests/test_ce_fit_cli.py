@@ -111,7 +111,8 @@ def test_missing_and_malformed_files(tmp_path: Path, fitted: Path) -> None:
     (["--fit", "ce", "--hidden", "4"], "--hidden is for --fit tspd, not --fit ce"),
     (["--fit", "ce", "--tau", "0.5", "--no-ce"], "--tau, --no-ce are for --fit tspd"),
     (["--zs", "1,2"], "--zs is for --fit ce, not --fit tspd"),
-    (["--fit", "tspd", "--all-positions"], "--all-positions is for --fit ce"),
+    (["--fit", "ce", "--drop", "position"], "--drop is for --fit tspd, not --fit ce"),
+    (["--fit", "tspd", "--drop", "speed"], "--drop: unknown feature groups ['speed']"),
     (["--fit", "ce", "--horizons", "0,1"], "--horizons must be comma-separated integers >= 1"),
     (["--fit", "ce", "--val-fraction", "1"], "--val-fraction"),
 ])

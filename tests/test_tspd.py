@@ -199,10 +199,13 @@ def test_train_controller_cli(tmp_path) -> None:
     out.parent.mkdir()  # an --out folder must exist (a missing one is a one-line error)
     rc = main(["train-controller", "--model", str(model), "--out", str(out), "--tasks", "copy",
                "--n", "3", "--steps", "20", "--gen-length", "16", "--block-length", "8",
-               "--thresholds", "0.7", "--hidden", "2", "--batch-size", "4"])
+               "--thresholds", "0.7", "--hidden", "2", "--batch-size", "4",
+               "--drop", "momentum,position"])
     assert rc == 0 and out.exists()
     meta = json.loads(out.read_text())
     assert meta["metrics"]["tasks"] == ["copy"] and meta["metrics"]["split"] == "train"
+    assert meta["metrics"]["positions"] == "content"            # the default rows
+    assert meta["metrics"]["dropped"] == ["momentum", "position"]
     ctrl = make_controller("tspd", tspd=out)
     assert ctrl.vocab_size == cfg.vocab_size and ctrl.params.hidden == 2
     assert main(["train-controller", "--model", str(tmp_path / "none")]) == 2

@@ -27,19 +27,20 @@ from dllm_jax.cli_options import check_number
 from dllm_jax.config import ConfigError, GenerateConfig
 from dllm_jax.features import CEFilter
 from dllm_jax.scoring import DEFAULT_ANSWER_LENGTH
-from dllm_jax.train.controller_fit import train_controller
+from dllm_jax.train.controller_fit import FEATURE_GROUPS, train_controller
 
 #: Flags (argparse dest -> flag) that only one fit takes; each is None unless given.
 TSPD_ONLY = {"hidden": "--hidden", "l2": "--l2", "neg_weight": "--neg-weight", "tau": "--tau",
-             "no_ce": "--no-ce", "horizon": "--horizon", "q": "--q", "r": "--r"}
+             "no_ce": "--no-ce", "horizon": "--horizon", "q": "--q", "r": "--r",
+             "drop": "--drop"}
 CE_ONLY = {"horizons": "--horizons", "zs": "--zs", "val_fraction": "--val-fraction",
-           "choose_threshold": "--choose-threshold", "all_positions": "--all-positions"}
+           "choose_threshold": "--choose-threshold"}
 #: Defaults of the flags whose default depends on --fit (tspd, ce).
 PER_FIT = {"thresholds": ("0.9,0.7", None), "lr": (0.02, 0.05)}
 TSPD_DEFAULTS = {"hidden": 16, "l2": 1e-4, "neg_weight": 1.0, "tau": 0.5, "no_ce": False,
-                 "horizon": 2, "q": CEFilter.q, "r": CEFilter.r}
+                 "horizon": 2, "q": CEFilter.q, "r": CEFilter.r, "drop": ""}
 CE_DEFAULTS = {"horizons": "1,2,3,4", "zs": "0.5,1,1.5,2,3", "val_fraction": 0.25,
-               "choose_threshold": 0.9, "all_positions": False}
+               "choose_threshold": 0.9}
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -148,7 +149,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no progress line")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the task instances, the decodes and the fit (default 0)")
+    p.add_argument("--all-positions", action="store_true",
+                   help="fit on every answer position, EOS padding included (default: content "
+                        "positions, up to and including the reference answer's first EOS)")
     t = p.add_argument_group("--fit tspd only")
+    t.add_argument("--drop", default=None, metavar="GROUPS",
+                   help="ablation: feature groups left out of the fit, comma-separated, of "
+                        "ce, position, momentum (default: none)")
     t.add_argument("--hidden", type=int, default=None, help="MLP hidden units (0: logistic; "
                    "default 16)")
     t.add_argument("--l2", type=float, default=None, help="L2 penalty on the weights, >= 0 "
@@ -177,9 +184,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--choose-threshold", type=float, default=None,
                    help="commit threshold the look-ahead's firing is counted against when "
                         "choosing (default 0.9)")
-    c.add_argument("--all-positions", action="store_true", default=None,
-                   help="fit on every answer position, EOS padding included (default: content "
-                        "positions, up to and including the reference answer's first EOS)")
 
 
 def _prompts(names: list[str], n: int, seed: int) -> list[str]:
@@ -213,6 +217,14 @@ def run(args: argparse.Namespace) -> int:
             ce_filter = CEFilter(q=args.q, r=args.r)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        drop = tuple(g.strip() for g in args.drop.split(",") if g.strip())
+        bad = [g for g in drop if g not in FEATURE_GROUPS]
+        if bad:
+            raise ConfigError(f"--drop: unknown feature groups {bad}; choose from "
+                              f"{', '.join(FEATURE_GROUPS)}, e.g. --drop position.")
+        if "ce" in drop and args.no_ce:
+            raise ConfigError("--no-ce already leaves the CE features out; drop 'ce' from "
+                              "--drop or leave out --no-ce.")
     if not (model_dir / "tokenizer.json").is_file():
         raise ConfigError(
             f"--model {model_dir} has no tokenizer.json: train-controller encodes task prompts "
@@ -243,10 +255,12 @@ def run(args: argparse.Namespace) -> int:
     ctrl, metrics = train_controller(
         s.params, s.cfg, ids, valid, gen=gen, thresholds=thresholds, use_ce=use_ce,
         horizon=args.horizon, ce_filter=ce_filter, batch_size=args.batch_size,
-        key=jax.random.key(args.seed), hidden=args.hidden, steps=args.steps, lr=args.lr,
-        l2=args.l2, neg_weight=args.neg_weight, tau=args.tau, seed=args.seed, quiet=args.quiet)
+        key=jax.random.key(args.seed), content_only=not args.all_positions,
+        hidden=args.hidden, steps=args.steps, lr=args.lr, l2=args.l2,
+        neg_weight=args.neg_weight, tau=args.tau, seed=args.seed, quiet=args.quiet, drop=drop)
     metrics.update(tasks=names, n_per_task=args.n, split="train", gen_length=gen.gen_length,
-                   block_length=gen.block_length, thresholds=list(thresholds))
+                   block_length=gen.block_length, thresholds=list(thresholds),
+                   positions="all" if args.all_positions else "content")
     if not _all_finite(ctrl.params.to_dict()) or not math.isfinite(float(metrics["loss_fit"])):
         raise ConfigError(f"the fit diverged (loss {metrics['loss_fit']}); nothing written to "
                           f"{out_file}: lower --lr or raise --l2.")
