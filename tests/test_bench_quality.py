@@ -218,6 +218,15 @@ def test_cli_json_schema_and_tables(v1_model, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["bench", "quality", "--model", str(model_dir), "--tasks", "nope"]) == 2
     assert "unknown tasks" in capsys.readouterr().err
+    # int8 weights: the same records, the header says so; a bad value is one line
+    q8 = tmp_path / "q8.md"
+    assert main(["bench", "quality", "--model", str(model_dir), "--tasks", "copy",
+                 "--settings", "threshold 0.9", "--n", "4", "--gen-length", "8",
+                 "--quantize", "int8", "--out", str(q8)]) == 0
+    assert "quantised to int8" in q8.read_text()
+    capsys.readouterr()
+    assert main(["bench", "quality", "--model", str(model_dir), "--quantize", "int4"]) == 2
+    assert "--quantize must be int8" in capsys.readouterr().err
 
 
 def test_v2_cli_uses_blocks_of_32(v2_model, tmp_path: Path) -> None:

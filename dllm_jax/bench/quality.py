@@ -3,7 +3,7 @@
     dllm-jax bench quality [--model DIR] [--task-set v1|v2] [--tasks a,b] [--n 500] [--seed S]
         [--settings LABELS|FAMILIES] [--cache none|dual] [--json F.json] [--out F.md]
         [--plot F.png] [--batch-size N] [--time-budget SECONDS] [--quick]
-        [--draft-model DIR]
+        [--draft-model DIR] [--quantize int8]
 
 For every task (held-out `split='test'` instances) and every controller setting
 (`bench.settings`: every family of issue 12 item 6, in priority order), decode all instances
@@ -39,6 +39,7 @@ import time
 from typing import Any, Mapping
 
 from dllm_jax import draft_cli, progress
+from dllm_jax.cli_options import add_quantize_option, check_quantize
 from dllm_jax.bench.measure import Layout, evaluate, make_instances
 from dllm_jax.bench.report import atomic_write_text, markdown, plot, records_json
 from dllm_jax.bench.settings import QUICK, all_settings, dedupe, select
@@ -180,6 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the markdown tables here")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-NFE PNG here "
                                                 "(needs matplotlib)")
+    add_quantize_option(p)
     p.add_argument(draft_cli.FLAG, default=None, metavar="DIR",
                    help="a smaller model folder with the same tokenizer that drafts for the "
                         "speculative settings (simsd, simsd confidence; default: they "
@@ -211,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     spec = args.settings if args.settings is not None or quick is None else ",".join(quick.settings)
     settings = dedupe(s.with_run_cache(args.cache) for s in select(all_settings(), spec))
     n = args.n or (quick.n if quick is not None else DEFAULT_N)
+    check_quantize(args.quantize)
     draft_dir = None
     if args.draft_model is not None:
         speculative = [s.label for s in settings if s.speculative]
@@ -221,12 +224,15 @@ def run(args: argparse.Namespace) -> int:
         draft_dir = draft_cli.resolve(args.draft_model)
 
     instances = make_instances(tasks, n, args.seed)
-    model = session.load(model_dir)
+    model = session.load(model_dir, quantize=args.quantize)
     draft = None if draft_dir is None else draft_cli.load(draft_dir)
     tok = model.require_tokenizer()
     width = max(prompt_width(tok, insts) for insts in instances.values())
     layout, notes = choose_layout(task_set, tasks, width, model.cfg, model.answer_length,
                                   args.gen_length, args.block_length)
+    if args.quantize is not None:
+        notes.append(f"the model's matrices are quantised to {args.quantize} at load time "
+                     f"(--quantize).")
     if draft is not None:
         notes.append(f"the speculative settings ({', '.join(speculative)}) draft with the "
                      f"model {draft.model_dir}.")
