@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU rows the H100 run of gpu_speed_rows.sh could not give (issues 14, 17, 20), in one
+# device call of about 9 minutes on an H200: LLaDA-8B dual at B64 / B128 (out of memory on
+# an 80 GB card), Dream-7B and SDAR-8B at B128, the DiffusionGemma row against transformers'
+# generate, and the server's load row under 64 clients. Usage (device machine, repo root;
+# carry [".whl"] made here beforehand by `bash benchmarks/device_wheels.sh`):
+#   bash benchmarks/gpu_rows_h200.sh "$OUT"
+set -uo pipefail
+out=${1:?OUT}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+B=benchmarks/decode_memory.py
+row() {  # label, seconds, command...
+  echo "== $1"; timeout "$2" "${@:3}" > "$out/$1.log" 2>&1; grep -E "^[|#]" "$out/$1.log"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+row llada-big 150 python $B --model llada-8b --batch 64 128 --run --floors
+row dream-sdar-128 120 bash -c "python $B --model dream-7b --batch 128 --run && python $B --model sdar-8b --block 4 --batch 128 --run"
+row diffusion-gemma 150 python benchmarks/diffusion_gemma_speed.py --out /tmp/dg --layers 12 --repeats 2
+row serve 120 python benchmarks/serve_load.py --random-8b --max-batch 32 --clients 64 --requests 128 \
+  --batches 2 --prompt-len 256 --gen-length 256 --block-length 32 --controller threshold
