@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench_common import peak_bytes, random_params
 from controllers import make_controller
 from dllm_jax import decode as D
 from dllm_jax import models as M
@@ -69,28 +70,6 @@ def stacked_shapes(cfg: ModelConfig, dtype: str) -> object:
 def abstract_params(cfg: ModelConfig, layout: str, dtype: str, quantize: bool = False
                     ) -> object:
     return jax.eval_shape(lambda p: to_layout(p, layout, quantize), stacked_shapes(cfg, dtype))
-
-
-def random_params(abstract: object, seed: int = 0) -> object:
-    """Weights of the abstract shapes drawn on the default device: vectors (norm scales) are
-    ones, matrices normal(0, 0.02), each made directly in its dtype."""
-    leaves, treedef = jax.tree.flatten(abstract)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-
-    def draw(k, s):
-        if len(s.shape) == 1:
-            return jnp.ones(s.shape, s.dtype)
-        return jax.jit(lambda k: jax.random.normal(k, s.shape, s.dtype) * 0.02)(k)
-
-    return jax.tree.unflatten(treedef, [draw(k, s) for k, s in zip(keys, leaves)])
-
-
-def device_peak() -> int | None:
-    """The default device's peak bytes in use so far (None where the backend keeps none)."""
-    try:
-        return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    except Exception:  # noqa: BLE001 (CPU backends may not report)
-        return None
 
 
 def measure_floors() -> dict[str, float]:
@@ -168,7 +147,7 @@ def measure(cfg: ModelConfig, gen: GenerateConfig, batch: int, prompt: int, layo
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     nfe = int(jnp.max(out.stats.nfe))
-    dev_peak = device_peak()
+    dev_peak = peak_bytes()
     rec.update(tok_s=batch * gen.gen_length / sec, ms_forward=sec / nfe * 1e3, nfe=nfe,
                device_peak=(dev_peak or 0) / GIB)
     return rec

@@ -108,44 +108,16 @@ def _model_cfg(args: argparse.Namespace) -> Any:
 def _random_params(cfg: Any, dtype: Any, mesh: Any) -> Any:
     """Random weights drawn leaf by leaf on the devices, in `dtype`, already sharded."""
     import jax
-    import jax.numpy as jnp
 
+    from bench_common import random_params
     from dllm_jax import sharding as S
     from dllm_jax.models import param_shapes
 
     shapes = param_shapes(cfg, dtype)
     if mesh is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: dev, shapes)
-    else:
-        shardings = S.param_shardings(shapes, mesh)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    out = []
-    for i, ((path, sd), sh) in enumerate(zip(leaves, jax.tree_util.tree_leaves(shardings))):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            fn = lambda k, sd=sd: jnp.ones(sd.shape, sd.dtype)  # noqa: E731
-        elif "bias" in name:
-            fn = lambda k, sd=sd: jnp.zeros(sd.shape, sd.dtype)  # noqa: E731
-        else:
-            fn = lambda k, sd=sd: 0.02 * jax.random.normal(k, sd.shape, sd.dtype)  # noqa: E731
-        out.append(jax.jit(fn, out_shardings=sh)(jax.random.key(i)))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _memory() -> list[dict[str, Any]]:
-    import jax
-
-    rows = []
-    for d in jax.local_devices():
-        try:
-            st = d.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - backends without allocator stats
-            st = {}
-        rows.append({"device": str(d), "peak_gib": (st.get("peak_bytes_in_use", 0) / 2**30
-                                                    if st else None),
-                     "limit_gib": st.get("bytes_limit", 0) / 2**30 if st else None})
-    return rows
+        return random_params(shapes, shardings=jax.tree.map(lambda _: dev, shapes))
+    return random_params(shapes, shardings=S.param_shardings(shapes, mesh))
 
 
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,6 +125,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench_common import memory_by_device
     from controllers import make_controller
     from dllm_jax import sharding as S
     from dllm_jax.config import GenerateConfig
@@ -202,7 +175,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         row.update(status="OOM" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in
                    str(e).lower() else "error", error=msg)
-    row["memory"] = _memory()
+    row["memory"] = memory_by_device()
     return row
 
 

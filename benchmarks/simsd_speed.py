@@ -31,13 +31,13 @@ import json
 import os
 import statistics
 import time
-from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import random_params
 from controllers import make_controller
 from dllm_jax import decode as D
 from dllm_jax import decode_step as DS
@@ -63,28 +63,9 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def sdar_8b(block: int) -> ModelConfig:
-    """SDAR-8B shapes (the Qwen3-8B backbone)."""
-    return ModelConfig(arch="sdar", vocab_size=151936, hidden_size=4096, num_layers=36,
-                       num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
-                       rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True,
-                       block_causal=True, block_size=block, max_position=32768,
-                       mask_token_id=151669, eos_token_id=151643, pad_token_id=151643)
-
-
-@partial(jax.jit, static_argnums=(1, 2))
-def _normal(k: jax.Array, shape: tuple, dtype: Any) -> jax.Array:
-    return jax.random.normal(k, shape, dtype) * jnp.asarray(0.02, dtype)
-
-
 def make_params(cfg: ModelConfig, dtype: Any) -> Any:
-    """Random params made on the device in `dtype` (norm scales 1), in the decode layout."""
-    shapes = M.param_shapes(cfg, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    out = [jnp.ones(sd.shape, sd.dtype) if "norm" in jax.tree_util.keystr(path)
-           else _normal(k, tuple(sd.shape), sd.dtype) for (path, sd), k in zip(leaves, keys)]
-    return M.decode_layout(jax.tree_util.tree_unflatten(treedef, out))
+    """Random params made on the device in `dtype`, in the decode layout."""
+    return random_params(jax.eval_shape(M.decode_layout, M.param_shapes(cfg, dtype)))
 
 
 def median_ms(fn: Callable[[], Any], reps: int, burst: int = 4) -> float:
@@ -220,7 +201,7 @@ def main() -> None:
         params = M.init_params(cfg, jax.random.key(0))
         batches, p, g, reps = [1], 8, 16, 3
     else:
-        cfg, reps = sdar_8b(lb), 20
+        cfg, reps = ModelConfig.sdar_8b(lb), 20
         params = make_params(cfg, jnp.bfloat16)
         batches, p, g = [int(x) for x in args.batches.split(",")], args.prompt, args.gen
     say(f"{jax.devices()[0].device_kind}; {cfg.arch} {cfg.num_layers}L h{cfg.hidden_size}, "

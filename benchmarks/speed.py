@@ -50,6 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_common import peak_bytes, random_params  # noqa: E402
 from controllers import make_controller  # noqa: E402
 from dllm_jax import decode as D  # noqa: E402
 from dllm_jax import models as M  # noqa: E402
@@ -94,14 +95,6 @@ def median_ms(fn: Callable[[], Any], reps: int, warm: int = 1, burst: int = 1
     return statistics.median(ts), ts
 
 
-def peak_bytes() -> int | None:
-    try:
-        st = jax.devices()[0].memory_stats() or {}
-        return st.get("peak_bytes_in_use")
-    except Exception:  # noqa: BLE001  (CPU backends may not report)
-        return None
-
-
 def mem_analysis(compiled: Any) -> dict:
     try:
         m = compiled.memory_analysis()
@@ -118,26 +111,9 @@ def _normal(k: jax.Array, shape: tuple, dtype: Any, std: float) -> jax.Array:
     return jax.random.normal(k, shape, dtype) * jnp.asarray(std, dtype)
 
 
-def make_params(cfg: ModelConfig, key: jax.Array, dtype: Any) -> dict:
+def make_params(cfg: ModelConfig, dtype: Any) -> dict:
     """Per-layer params (see `models.unstack_layers`) made on the default device."""
-    D_, F_, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    keys = iter(jax.random.split(key, 8 * cfg.num_layers + 4))
-    rnd = lambda *shape: _normal(next(keys), shape, dtype, 0.02)  # noqa: E731
-    layers = []
-    for _ in range(cfg.num_layers):
-        layers.append({
-            "attn_norm": jnp.ones((D_,), dtype),
-            "q_proj": rnd(D_, cfg.q_size),
-            "k_proj": rnd(D_, cfg.kv_size),
-            "v_proj": rnd(D_, cfg.kv_size),
-            "o_proj": rnd(cfg.q_size, D_),
-            "mlp_norm": jnp.ones((D_,), dtype),
-            "gate_proj": rnd(D_, F_),
-            "up_proj": rnd(D_, F_),
-            "down_proj": rnd(F_, D_),
-        })
-    return {"embed": rnd(V, D_), "layers": layers, "final_norm": jnp.ones((D_,), dtype),
-            "lm_head": rnd(D_, V)}
+    return random_params(jax.eval_shape(M.unstack_layers, M.param_shapes(cfg, dtype)))
 
 
 def random_cache(cfg: ModelConfig, b: int, t: int, dtype: Any, seed: int) -> KVCache:
@@ -591,7 +567,7 @@ def main() -> None:
 
     floors = measure_floors(args.tiny)
     t = time.perf_counter()
-    params = make_params(cfg, jax.random.key(0), dtype)
+    params = make_params(cfg, dtype)
     jax.block_until_ready(params)
     say(f"params made on {dev.device_kind}: {weight_bytes(cfg, isz)/1e9:.2f} GB read per "
         f"forward ({time.perf_counter()-t:.1f}s)")
