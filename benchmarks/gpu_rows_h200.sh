@@ -4,9 +4,12 @@
 # an 80 GB card), Dream-7B and SDAR-8B at B128, the DiffusionGemma row against transformers'
 # generate, and the server's load row under 64 clients. Usage (device machine, repo root;
 # carry [".whl"] made here beforehand by `bash benchmarks/device_wheels.sh`):
-#   bash benchmarks/gpu_rows_h200.sh "$OUT"
+#   bash benchmarks/gpu_rows_h200.sh "$OUT" [ROWS]
+# ROWS: comma-separated labels of the rows below (default all: ~11 minutes at their timeouts,
+# more than one call; e.g. "llada-big,dream-sdar-128,int8-triton,bf16-triton" then
+# "diffusion-gemma,serve").
 set -uo pipefail
-out=${1:?OUT}; mkdir -p "$out"
+out=${1:?OUT}; rows=${2:-all}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -16,6 +19,7 @@ else
 fi
 B=benchmarks/decode_memory.py
 row() {  # label, seconds, command...
+  [ "$rows" = all ] || [[ ",$rows," == *",$1,"* ]] || return 0
   echo "== $1"; timeout "$2" "${@:3}" > "$out/$1.log" 2>&1; grep -E "^[|#]" "$out/$1.log"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
