@@ -25,6 +25,10 @@ row() {  # label, seconds, command...
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 row llada-big 150 python $B --model llada-8b --batch 64 128 --run --floors
 row dream-sdar-128 120 bash -c "python $B --model dream-7b --batch 128 --run && python $B --model sdar-8b --block 4 --batch 128 --run"
+# Where the XLA temp goes at B32 (21.6 GiB on the H100, 2.7x the cache): XLA's own report of
+# the decode's buffer assignment, compiled only (CPU f32 for comparison: the carried cache plus
+# ~3.5 GiB of attention and MLP buffers, the cache updated in place).
+row mem-report 120 bash -c "XLA_FLAGS='--xla_dump_to=/tmp/hlo --xla_dump_hlo_pass_re=^$ --xla_dump_hlo_as_text' python $B --model llada-8b --batch 32 && cp /tmp/hlo/*generate*memory-usage-report.txt $out/mem-report-b32.txt && head -12 $out/mem-report-b32.txt"
 # int8 at B1 was 0.93x the bf16 step on the H100 (the int8 -> bf16 convert not fused into the
 # matmul): the same rows with XLA's Triton GEMM taking every matmul, where it fuses the convert.
 row int8-triton 90 env XLA_FLAGS=--xla_gpu_triton_gemm_any=true python $B --model llada-8b --batch 1 --run --quantize int8
