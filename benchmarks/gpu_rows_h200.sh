@@ -5,9 +5,11 @@
 # generate, and the server's load row under 64 clients. Usage (device machine, repo root;
 # carry [".whl"] made here beforehand by `bash benchmarks/device_wheels.sh`):
 #   bash benchmarks/gpu_rows_h200.sh "$OUT" [ROWS]
-# ROWS: comma-separated labels of the rows below (default all: ~11 minutes at their timeouts,
-# more than one call; e.g. "llada-big,dream-sdar-128,int8-triton,bf16-triton" then
-# "diffusion-gemma,serve").
+# ROWS: comma-separated labels of the rows below (default all, ~20 minutes at their timeouts:
+# more than one 10-minute call, and more than the 8 files a call brings back). Calls that fit:
+#   "llada-big,dream-sdar-128,mem-report,int8-triton,bf16-triton"      (<= 540 s)
+#   "profile-train,profile-decode,serve"                                 (<= 510 s)
+#   "diffusion-gemma"                                                    (<= 150 s)
 set -uo pipefail
 out=${1:?OUT}; rows=${2:-all}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -33,6 +35,10 @@ row mem-report 120 bash -c "XLA_FLAGS='--xla_dump_to=/tmp/hlo --xla_dump_hlo_pas
 # matmul): the same rows with XLA's Triton GEMM taking every matmul, where it fuses the convert.
 row int8-triton 90 env XLA_FLAGS=--xla_gpu_triton_gemm_any=true python $B --model llada-8b --batch 1 --run --quantize int8
 row bf16-triton 60 env XLA_FLAGS=--xla_gpu_triton_gemm_any=true python $B --model llada-8b --batch 1 --run
+# Where the time goes (issue 12's training step, issue 14's B1 step): JAX's profiler, per kernel.
+P=benchmarks/profile_top.py
+row profile-train 240 bash -c "python $P train --batch 512 --attn-impl cudnn && python $P train --batch 512 --attn-impl xla && python $P train --batch 512 --block-size 4 --attn-impl cudnn"
+row profile-decode 150 bash -c "python $P decode --model llada-8b --batch 1 && python $P decode --model llada-8b --batch 1 --quantize int8"
 row diffusion-gemma 150 python benchmarks/diffusion_gemma_speed.py --out /tmp/dg --layers 12 --repeats 2
 row serve 120 python benchmarks/serve_load.py --random-8b --max-batch 32 --clients 64 --requests 128 \
   --batches 2 --prompt-len 256 --gen-length 256 --block-length 32 --controller threshold
